@@ -1,0 +1,162 @@
+"""The `dem-ray` command."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from dem_ray.config import ConfigError, load_config
+from dem_ray.data import DataError
+from dem_ray.merge import MergeError
+from dem_ray.models import ModelError
+from dem_ray.spaces import SpaceError
+from dem_ray.vectors import VectorError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, VectorError, SpaceError, MergeError)
+STAGE_HELP = {
+    "run": "every stage, skipping those already done",
+    "prepare": "materialize the base model and tokenize the datasets",
+    "finetune": "one Ray Train fine-tune per dataset (prepares first if needed)",
+    "vectors": "distribution vectors v_i = theta_i - theta_0",
+    "search": "Ray Tune + Optuna search of the coefficients",
+    "merge": "write theta_0 + sum_i w_i v_i for the best (or given) weights",
+    "report": "perplexity of every model on every dataset, and the cost",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dem-ray",
+        description="Distribution-Edited Models on Ray: fine-tune once per dataset, "
+        "then search the mixture of distribution vectors by validation perplexity.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("config", help="run config YAML")
+        p.add_argument("--force", action="store_true", help="run even if up to date")
+        p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+        if name == "merge":
+            p.add_argument(
+                "--weights", help="explicit weights, e.g. code=0.6,chat=0.4 (default: the best)"
+            )
+    corpora = sub.add_parser("corpora", help="example datasets from text that packages ship")
+    corpora_sub = corpora.add_subparsers(dest="corpora_command", required=True)
+    build = corpora_sub.add_parser("build", help="write NAME.train.jsonl / NAME.val.jsonl")
+    build.add_argument("names", nargs="+")
+    build.add_argument("--out", required=True)
+    build.add_argument("--max-docs", type=int, default=None)
+    build.add_argument("--validation-fraction", type=float, default=0.05)
+    build.add_argument("--seed", type=int, default=0)
+    corpora_sub.add_parser("list", help="the corpora this installation can build")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "corpora":
+            return _corpora(args)
+        return _stages(args)
+    except USER_ERRORS as exc:
+        print(f"dem-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from dem_ray.pipeline import PipelineError
+
+        if isinstance(exc, PipelineError):
+            print(f"dem-ray: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _stages(args) -> int:
+    from dem_ray.pipeline import STAGES, Pipeline
+
+    config = load_config(args.config)
+    pipeline = Pipeline(config, ray_address=args.ray_address)
+    # Ray and Tune print progress to stdout; keep stdout for what the command answers.
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.command == "run":
+            pipeline.run(STAGES, force=args.force)
+        elif args.command == "merge" and args.weights:
+            pipeline.preflight()
+            pipeline.stage_merge(force=True, weights=_parse_weights(args.weights))
+        else:
+            pipeline.run((args.command,), force=args.force)
+    print(f"stages run: {', '.join(pipeline.ran) or 'none'}")
+    print(f"stages skipped (up to date): {', '.join(pipeline.skipped) or 'none'}")
+    if args.command in ("run", "report"):
+        _print_summary(pipeline)
+    return 0
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise MergeError(f"--weights: '{part}' is not NAME=NUMBER") from None
+    return weights
+
+
+def _print_summary(pipeline) -> None:
+    from dem_ray.report import ppl_table
+
+    report = pipeline.report()
+    rows = ppl_table(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    print("validation perplexity (lower is better):")
+    for row in rows:
+        print(
+            "  "
+            + "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    weights = ", ".join(f"{k}={v:.3f}" for k, v in report["best_weights"].items())
+    print(f"best weights: {weights}")
+    print(f"merged model: {report['artifacts']['merged_model']}")
+    print(f"report:       {Path(pipeline.run_dir) / 'report' / 'report.md'}")
+
+
+def _corpora(args) -> int:
+    from dem_ray import corpora
+
+    if args.corpora_command == "list":
+        for name, info in corpora.CORPORA.items():
+            print(f"{name}: {info}")
+        return 0
+    try:
+        paths = corpora.build(
+            args.names,
+            args.out,
+            max_docs=args.max_docs,
+            validation_fraction=args.validation_fraction,
+            seed=args.seed,
+        )
+    except (ValueError, corpora.CorpusUnavailable) as exc:
+        print(f"dem-ray: error: {exc}", file=sys.stderr)
+        return 2
+    for name, splits in paths.items():
+        print(f"{name}: {splits['train']} {splits['validation']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The run config: a YAML file, parsed into typed sections.
+
+Every error names the file and the dotted key at fault, and unknown keys get a
+"did you mean" suggestion, because a typo in a config must fail before hours of
+fine-tuning start, not after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One training distribution: the data one specialist is fine-tuned on."""
+
+    path: str
+    text_field: str = "text"
+    validation_path: str | None = None
+    validation_fraction: float = 0.05
+    max_train_documents: int | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyper-parameters shared by every per-dataset fine-tune (and the baseline)."""
+
+    max_steps: int = 60
+    batch_size: int = 8
+    seq_len: int = 128
+    learning_rate: float = 1.0e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    torch_threads: int | None = None
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the coefficients are searched."""
+
+    space: str = "simplex"
+    algorithm: str = "tpe"
+    num_trials: int = 24
+    max_concurrent: int = 2
+    seed: int = 0
+    objective: str = "macro"
+    grid_step: float = 0.25
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """The pool of actors that hold base, vectors and validation shards resident."""
+
+    num_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 8
+    max_validation_sequences: int | None = 64
+    vector_dtype: str = "float32"
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole DEM run; `source` is the file it came from (for error messages)."""
+
+    run_dir: str
+    base_model: str
+    datasets: dict[str, DatasetConfig]
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    trust_remote_code: bool = False
+    source: str = "<dict>"
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return list(self.datasets)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain data, for hashing a stage's inputs."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+ALGORITHMS = ("tpe", "cmaes", "gp", "random", "grid")
+OBJECTIVES = ("macro", "token_weighted")
+VECTOR_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as 1e-4 (YAML 1.1 wants 1.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
+    """Validate a config given as plain data (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of keys, got {_kind(raw)}")
+    sections = {"finetune": FinetuneConfig, "search": SearchConfig, "evaluator": EvaluatorConfig}
+    top_keys = ["run_dir", "base_model", "datasets", *sections, "trust_remote_code"]
+    _check_keys(raw, top_keys, source, prefix="")
+    for key in ("run_dir", "base_model", "datasets"):
+        if raw.get(key) in (None, "", {}):
+            raise ConfigError(f"{source}: missing required key '{key}'")
+    run_dir = _typed(raw["run_dir"], str, source, "run_dir")
+    base_model = _typed(raw["base_model"], str, source, "base_model")
+    trust = _typed(raw.get("trust_remote_code", False), bool, source, "trust_remote_code")
+
+    if not isinstance(raw["datasets"], dict):
+        raise ConfigError(f"{source}: 'datasets' must map names to dataset settings")
+    datasets = {}
+    for name, spec in raw["datasets"].items():
+        key = f"datasets.{name}"
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(
+                f"{source}: dataset name {name!r} must be letters, digits, '_', '-' or '.'"
+            )
+        if isinstance(spec, str):
+            spec = {"path": spec}
+        datasets[name] = _build(DatasetConfig, spec, source, key)
+    if len(datasets) < 2:
+        raise ConfigError(f"{source}: 'datasets' needs at least two datasets to mix")
+
+    built = {
+        name: _build(cls, {} if raw.get(name) is None else raw[name], source, name)
+        for name, cls in sections.items()
+    }
+    config = RunConfig(
+        run_dir=run_dir,
+        base_model=base_model,
+        datasets=datasets,
+        trust_remote_code=trust,
+        source=source,
+        **built,
+    )
+    _check_ranges(config)
+    return config
+
+
+def _check_ranges(c: RunConfig) -> None:
+    s = c.source
+    for name, d in c.datasets.items():
+        if not 0.0 < d.validation_fraction < 1.0:
+            raise ConfigError(f"{s}: datasets.{name}.validation_fraction must be in (0, 1)")
+        if d.max_train_documents is not None and d.max_train_documents < 1:
+            raise ConfigError(f"{s}: datasets.{name}.max_train_documents must be >= 1")
+    f = c.finetune
+    for key in ("max_steps", "batch_size", "num_workers", "log_every"):
+        _positive(getattr(f, key), s, f"finetune.{key}")
+    if f.seq_len < 2:
+        raise ConfigError(f"{s}: finetune.seq_len must be >= 2 (one token predicts the next)")
+    _positive(f.learning_rate, s, "finetune.learning_rate")
+    _positive(f.cpus_per_worker, s, "finetune.cpus_per_worker")
+    _non_negative(f.gpus_per_worker, s, "finetune.gpus_per_worker")
+    _non_negative(f.warmup_steps, s, "finetune.warmup_steps")
+    _non_negative(f.weight_decay, s, "finetune.weight_decay")
+    if f.torch_threads is not None:
+        _positive(f.torch_threads, s, "finetune.torch_threads")
+    r = c.search
+    _choice(r.algorithm, ALGORITHMS, s, "search.algorithm")
+    _choice(r.objective, OBJECTIVES, s, "search.objective")
+    _positive(r.num_trials, s, "search.num_trials")
+    _positive(r.max_concurrent, s, "search.max_concurrent")
+    if not 0.0 < r.grid_step <= 1.0:
+        raise ConfigError(f"{s}: search.grid_step must be in (0, 1]")
+    e = c.evaluator
+    _positive(e.num_actors, s, "evaluator.num_actors")
+    _positive(e.batch_size, s, "evaluator.batch_size")
+    _positive(e.cpus_per_actor, s, "evaluator.cpus_per_actor")
+    _non_negative(e.gpus_per_actor, s, "evaluator.gpus_per_actor")
+    if e.max_validation_sequences is not None:
+        _positive(e.max_validation_sequences, s, "evaluator.max_validation_sequences")
+    _choice(e.vector_dtype, VECTOR_DTYPES, s, "evaluator.vector_dtype")
+    if e.torch_threads is not None:
+        _positive(e.torch_threads, s, "evaluator.torch_threads")
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix}' must be a mapping, got {_kind(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(raw, list(fields), source, prefix)
+    hints = get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        values[key] = _typed(value, hints[key], source, f"{prefix}.{key}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required key '{prefix}.{missing[0]}'")
+    return cls(**values)
+
+
+def _typed(value: Any, hint: Any, source: str, key: str) -> Any:
+    """Check one value against a simple type hint (int, float, str, bool, X | None)."""
+    options = get_args(hint) if get_origin(hint) is not None else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{source}: '{key}' must be {wanted}, got {_kind(value)} {value!r}")
+
+
+def _check_keys(raw: dict, known: list[str], source: str, prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"{source}: unknown key '{where}'{hint}")
+
+
+def _positive(value: float, source: str, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{source}: '{key}' must be > 0, got {value}")
+
+
+def _non_negative(value: float, source: str, key: str) -> None:
+    if value < 0:
+        raise ConfigError(f"{source}: '{key}' must be >= 0, got {value}")
+
+
+def _choice(value: str, options: tuple[str, ...], source: str, key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(options)}")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__

@@ -1,0 +1,135 @@
+"""The evaluator actor pool: base, stacked vectors and validation shards stay resident.
+
+Each actor loads everything once onto its device (a GPU when Ray gives it one);
+a candidate then costs one in-place merge and one forward pass per validation
+batch. Trials are light clients that send weights and get per-dataset NLL back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+from safetensors.torch import load_file
+
+from dem_ray.merge import LazyTensors, ResidentMerge
+from dem_ray.models import load_model
+from dem_ray.perplexity import token_nll
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Plain class (usable without Ray in tests); `EvaluatorActor` is its Ray actor."""
+
+    def __init__(
+        self,
+        base_dir: str,
+        vector_paths: list[str],
+        shard_paths: dict[str, str],
+        batch_size: int = 8,
+        max_sequences: int | None = None,
+        vector_dtype: str = "float32",
+        torch_threads: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        self.device = (
+            "cuda" if torch.cuda.is_available() and (gpu_ids or not ray.is_initialized()) else "cpu"
+        )
+        self.num_gpus = max(len(gpu_ids), 1) if self.device == "cuda" else 0
+        self.model = load_model(Path(base_dir), self.device, trust_remote_code).eval()
+        self.merge = ResidentMerge(
+            self.model, [LazyTensors(Path(p)) for p in vector_paths], vector_dtype
+        )
+        self.shards: dict[str, torch.Tensor] = {}
+        for name, path in shard_paths.items():
+            rows = load_file(path)["input_ids"]
+            if max_sequences is not None:
+                rows = rows[:max_sequences]
+            self.shards[name] = rows.to(self.device, dtype=torch.long)
+        self.batch_size = batch_size
+        self.device_seconds = 0.0
+        self.tokens = 0
+        self.calls = 0
+
+    def evaluate(self, weights: list[float]) -> dict:
+        """Merge `weights` in place and score every validation shard."""
+        start = self._clock()
+        self.merge.apply(weights)
+        return self._score(start)
+
+    def evaluate_checkpoint(self, model_dir: str) -> dict:
+        """Score another checkpoint of the same architecture (a specialist, the merged model)."""
+        start = self._clock()
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        state = {}
+        for path in files:
+            state.update(LazyTensors(path))
+        self.merge.load_state(state)
+        return self._score(start)
+
+    def info(self) -> dict:
+        return {
+            "device": self.device,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "device_seconds": self.device_seconds,
+            "tokens": self.tokens,
+            "calls": self.calls,
+            "validation_tokens": {n: int(r[:, 1:].numel()) for n, r in self.shards.items()},
+        }
+
+    def _score(self, start: tuple[float, float]) -> dict:
+        nll = {
+            name: token_nll(self.model, rows, self.batch_size) for name, rows in self.shards.items()
+        }
+        spent = self._spent(start)
+        tokens = sum(n for _, n in nll.values())
+        self.device_seconds += spent
+        self.tokens += tokens
+        self.calls += 1
+        return {"nll": nll, "device_seconds": spent, "tokens": tokens}
+
+    def _clock(self) -> tuple[float, float]:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+    def _spent(self, start: tuple[float, float]) -> float:
+        """GPU-seconds on a GPU; CPU core-seconds (this process's CPU time) on a CPU."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return (time.perf_counter() - start[0]) * self.num_gpus
+        return time.process_time() - start[1]
+
+
+EvaluatorActor = ray.remote(Evaluator)
+
+
+def start_pool(
+    count: int,
+    kwargs: dict,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+) -> list:
+    """Start `count` evaluator actors, spread over nodes, and wait until all are loaded."""
+    options = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 2, "max_task_retries": 2}
+    if count > 1:
+        options["scheduling_strategy"] = "SPREAD"
+    actors = [EvaluatorActor.options(**options).remote(**kwargs) for _ in range(count)]
+    infos = ray.get([a.info.remote() for a in actors])
+    for info in infos:
+        log.info(
+            "evaluator ready on %s (pid %s): validation tokens %s",
+            info["device"],
+            info["pid"],
+            info["validation_tokens"],
+        )
+    return actors

@@ -1,0 +1,58 @@
+"""Validation perplexity over packed token rows, and the search objectives. Pure torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.inference_mode()
+def token_nll(
+    model: torch.nn.Module, rows: torch.Tensor, batch_size: int, autocast_dtype=None
+) -> tuple[float, int]:
+    """(sum of next-token negative log-likelihoods, number of predicted tokens) over `rows`.
+
+    Each row of `seq_len` tokens predicts its last `seq_len - 1` tokens; summing in
+    float64 keeps the total exact enough to compare runs to many digits.
+    """
+    total = 0.0
+    count = 0
+    device = next(model.parameters()).device
+    for start in range(0, rows.shape[0], batch_size):
+        batch = rows[start : start + batch_size].to(device=device, dtype=torch.long)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(input_ids=batch).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            batch[:, 1:].reshape(-1),
+            reduction="sum",
+        )
+        total += float(loss.double())
+        count += batch[:, 1:].numel()
+    return total, count
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / tokens)
+
+
+def objective(nll: Mapping[str, tuple[float, int]], kind: str = "macro") -> float:
+    """The search's objective, lower is better.
+
+    macro: the mean over datasets of log-perplexity, so each distribution counts the
+    same however large its validation shard; token_weighted: the log-perplexity of
+    all validation tokens pooled.
+    """
+    if not nll:
+        raise ValueError("no datasets to score")
+    empty = [name for name, (_, n) in nll.items() if n <= 0]
+    if empty:
+        raise ValueError(f"no validation tokens for {', '.join(empty)}")
+    if kind == "macro":
+        return sum(s / n for s, n in nll.values()) / len(nll)
+    if kind == "token_weighted":
+        return sum(s for s, _ in nll.values()) / sum(n for _, n in nll.values())
+    raise ValueError(f"unknown objective {kind!r}; use 'macro' or 'token_weighted'")

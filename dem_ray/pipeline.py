@@ -1,0 +1,534 @@
+"""The stages of a run over one run directory, with skip-if-done and cost records.
+
+prepare  : base model as a local HF dir; each dataset tokenized into packed shards
+finetune : one Ray Train run per dataset                    -> finetune/<name>/
+vectors  : v_i = theta_i - theta_0                          -> vectors/<name>.safetensors
+search   : Ray Tune + Optuna over the evaluator actor pool   -> search/trials.jsonl
+merge    : theta_0 + sum_i w_i v_i for the best w           -> merged/
+report   : every model on every validation shard, and cost -> report/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from dem_ray import data as data_mod
+from dem_ray.config import RunConfig
+from dem_ray.manifest import Manifest, hash_json, sha256_file, write_text_atomic
+from dem_ray.models import (
+    PACKAGE_PREFIX,
+    base_kind,
+    check_model_dir,
+    load_tokenizer,
+    materialize_base,
+    resolve_package_path,
+)
+from dem_ray.spaces import Space, load_space
+from dem_ray.vectors import check_compatible, compute_vector, save_tensors
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "finetune", "vectors", "search", "merge", "report")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run; the message says what to do."""
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join the cluster named by `address`/RAY_ADDRESS, or start a private local one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+class Pipeline:
+    def __init__(self, config: RunConfig, ray_address: str | None = None) -> None:
+        self.cfg = config
+        self.run_dir = Path(config.run_dir).expanduser().resolve()
+        self.ray_address = ray_address
+        self.names = config.dataset_names
+        self.config_dir = (
+            Path(config.source).resolve().parent if config.source != "<dict>" else Path.cwd()
+        )
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self._pool: list | None = None
+        self._prepared = False
+        self._pool_key: str | None = None
+        self._space: Space | None = None
+        self.manifest: Manifest | None = None
+
+    # ---- paths -------------------------------------------------------------------------
+    def shard_path(self, name: str, split: str) -> Path:
+        return self.run_dir / "data" / f"{name}.{split}.safetensors"
+
+    def finetune_dir(self, name: str) -> Path:
+        return self.run_dir / "finetune" / name
+
+    def vector_path(self, name: str) -> Path:
+        return self.run_dir / "vectors" / f"{name}.safetensors"
+
+    @property
+    def base_dir(self) -> Path:
+        entry = self.manifest.entry("base") if self.manifest else None
+        if entry is None:
+            raise PipelineError("the base model is not prepared; run `dem-ray run CONFIG`")
+        return Path(entry["path"])
+
+    # ---- checks before any long work ------------------------------------------------------
+    def preflight(self) -> None:
+        """Every check that is cheap: fail here, not an hour into fine-tuning."""
+        self._check_run_dir()
+        self._space = load_space(self.cfg.search.space, self.names, self.config_dir)
+        if base_kind(self.cfg.base_model) == "dir":
+            check_model_dir(Path(self.cfg.base_model), role="base model")
+        for name, ds in self.cfg.datasets.items():
+            data_mod.read_documents(self._data_path(ds.path), ds.text_field, name)
+            if ds.validation_path:
+                data_mod.read_documents(self._data_path(ds.validation_path), ds.text_field, name)
+        self.manifest = Manifest(self.run_dir)
+
+    def _check_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=self.run_dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise PipelineError(
+                f"run_dir {self.run_dir} is not writable ({exc.strerror}); "
+                f"set run_dir in {self.cfg.source} to a directory you can write"
+            ) from exc
+
+    def _data_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() or p.exists() else self.config_dir / p
+
+    # ---- driver ---------------------------------------------------------------------------
+    def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> None:
+        self.preflight()
+        for stage in stages:
+            getattr(self, f"stage_{stage}")(force=force)
+        self.release_pool()
+
+    def _begin(self, key: str, inputs: str, force: bool) -> bool:
+        if not force and self.manifest.is_done(key, inputs):
+            log.info("stage %s: up to date, skipped", key)
+            self.skipped.append(key)
+            return False
+        log.info("stage %s: running", key)
+        self.ran.append(key)
+        return True
+
+    def _require(self, key: str, stage: str) -> None:
+        entry = self.manifest.entry(key)
+        if entry is None or entry.get("status") != "done":
+            raise PipelineError(
+                f"stage '{key}' has not run in {self.run_dir}; run `dem-ray {stage} "
+                f"{self.cfg.source}` first (or `dem-ray run {self.cfg.source}`)"
+            )
+
+    # ---- prepare ----------------------------------------------------------------------------
+    def stage_prepare(self, force: bool = False) -> None:
+        if self._prepared:
+            return
+        self._prepared = True
+        spec = self.cfg.base_model
+        kind = base_kind(spec)
+        fingerprint = {"spec": spec, "kind": kind, "trust": self.cfg.trust_remote_code}
+        if kind == "dir":
+            fingerprint["files"] = _dir_fingerprint(Path(spec))
+        elif kind == "gguf":
+            path = resolve_package_path(spec) if spec.startswith(PACKAGE_PREFIX) else Path(spec)
+            fingerprint["gguf"] = (str(path), path.stat().st_size, path.stat().st_mtime_ns)
+        inputs = hash_json(fingerprint)
+        if self._begin("base", inputs, force):
+            start = time.perf_counter()
+            target = self.run_dir / "base"
+            base = materialize_base(spec, target, self.cfg.trust_remote_code)
+            check_model_dir(base, role="base model")
+            inside = base.resolve().is_relative_to(self.run_dir)
+            self.manifest.record(
+                "base",
+                inputs,
+                [base] if inside else [],
+                cost={"wall_seconds": time.perf_counter() - start},
+                extra={
+                    "path": str(base.resolve()),
+                    "fingerprint": hash_json(_dir_fingerprint(base)),
+                },
+            )
+        tokenizer = None
+        base_fp = self.manifest.entry("base")["fingerprint"]
+        for name, ds in self.cfg.datasets.items():
+            files = [self._data_path(ds.path)]
+            if ds.validation_path:
+                files.append(self._data_path(ds.validation_path))
+            inputs = hash_json(
+                {
+                    "dataset": dataclasses.asdict(ds),
+                    "files": [_content_hash(f) for f in files],
+                    "seq_len": self.cfg.finetune.seq_len,
+                    "seed": self.cfg.finetune.seed,
+                    "base": base_fp,
+                }
+            )
+            if not self._begin(f"data/{name}", inputs, force):
+                continue
+            if tokenizer is None:
+                tokenizer = load_tokenizer(self.base_dir, self.cfg.trust_remote_code)
+            self._prepare_dataset(name, ds, tokenizer, inputs)
+
+    def _prepare_dataset(self, name: str, ds, tokenizer, inputs: str) -> None:
+        seq_len = self.cfg.finetune.seq_len
+        docs = data_mod.read_documents(self._data_path(ds.path), ds.text_field, name)
+        if ds.validation_path:
+            train_docs = docs
+            val_docs = data_mod.read_documents(
+                self._data_path(ds.validation_path), ds.text_field, name
+            )
+        else:
+            try:
+                train_docs, val_docs = data_mod.split_documents(
+                    docs, ds.validation_fraction, self.cfg.finetune.seed
+                )
+            except data_mod.DataError as exc:
+                raise data_mod.DataError(f"dataset '{name}': {ds.path}: {exc}") from exc
+        if ds.max_train_documents is not None:
+            train_docs = train_docs[: ds.max_train_documents]
+        train = data_mod.tokenize_and_pack(train_docs, tokenizer, seq_len)
+        val = data_mod.tokenize_and_pack(val_docs, tokenizer, seq_len)
+        where = ds.validation_path or ds.path
+        if val.shape[0] == 0:
+            raise data_mod.DataError(
+                f"dataset '{name}': the validation split of {where} has fewer than "
+                f"{seq_len} tokens, too few for one sequence of finetune.seq_len; raise "
+                "validation_fraction or give a larger validation_path"
+            )
+        if train.shape[0] == 0:
+            raise data_mod.DataError(
+                f"dataset '{name}': {ds.path} has fewer than {seq_len} training tokens after "
+                "tokenization; give more text or a smaller finetune.seq_len"
+            )
+        outputs = []
+        for split, rows in (("train", train), ("validation", val)):
+            path = self.shard_path(name, split)
+            save_tensors({"input_ids": rows}, path, {"dataset": name, "split": split})
+            outputs.append(path)
+        log.info(
+            "data %s: %d train rows, %d validation rows of %d tokens -> %s",
+            name,
+            train.shape[0],
+            val.shape[0],
+            seq_len,
+            outputs[0].parent,
+        )
+        self.manifest.record(
+            f"data/{name}",
+            inputs,
+            outputs,
+            extra={
+                "train_rows": int(train.shape[0]),
+                "validation_rows": int(val.shape[0]),
+                "train_documents": len(train_docs),
+                "validation_documents": len(val_docs),
+            },
+        )
+
+    # ---- finetune ---------------------------------------------------------------------------
+    def _finetune_inputs(self, name: str) -> str:
+        hp = dataclasses.asdict(self.cfg.finetune)
+        for key in ("log_every", "torch_threads", "cpus_per_worker", "gpus_per_worker"):
+            hp.pop(key)
+        return hash_json(
+            {
+                "finetune": hp,
+                "base": self.manifest.entry("base")["fingerprint"],
+                "train": self.manifest.entry(f"data/{name}")["outputs"],
+            }
+        )
+
+    def stage_finetune(self, force: bool = False) -> None:
+        from dem_ray.finetune import FinetuneJob, run_finetunes
+
+        self.stage_prepare(force=False)
+        todo = []
+        for name in self.names:
+            inputs = self._finetune_inputs(name)
+            if self._begin(f"finetune/{name}", inputs, force):
+                todo.append((name, inputs))
+        if not todo:
+            return
+        ensure_ray(self.ray_address)
+        jobs = [
+            FinetuneJob(
+                name,
+                str(self.base_dir),
+                str(self.shard_path(name, "train")),
+                str(self.finetune_dir(name)),
+            )
+            for name, _ in todo
+        ]
+        results, errors = run_finetunes(jobs, self.cfg.finetune, self.run_dir / "ray_train")
+        for name, inputs in todo:
+            if name in results:
+                m = results[name]
+                self.manifest.record(
+                    f"finetune/{name}",
+                    inputs,
+                    [self.finetune_dir(name)],
+                    cost={
+                        "device_seconds": m["device_seconds"],
+                        "tokens_trained": m["tokens"],
+                        "wall_seconds": m["wall_seconds"],
+                        "device": m["device"],
+                    },
+                    extra={"final_loss": m["final_loss"], "steps": m["steps"]},
+                )
+        if errors:
+            name, exc = next(iter(errors.items()))
+            raise PipelineError(f"fine-tune '{name}' failed: {exc}") from exc
+
+    # ---- vectors ----------------------------------------------------------------------------
+    def stage_vectors(self, force: bool = False) -> None:
+        for name in self.names:
+            self._require(f"finetune/{name}", "finetune")
+            inputs = hash_json(
+                {
+                    "base": self.manifest.entry("base")["fingerprint"],
+                    "finetuned": self.manifest.outputs_hash(f"finetune/{name}"),
+                }
+            )
+            if not self._begin(f"vectors/{name}", inputs, force):
+                continue
+            start, cpu = time.perf_counter(), time.process_time()
+            check_compatible(self.base_dir, self.finetune_dir(name))
+            compute_vector(self.base_dir, self.finetune_dir(name), self.vector_path(name))
+            log.info("vector %s -> %s", name, self.vector_path(name))
+            self.manifest.record(
+                f"vectors/{name}",
+                inputs,
+                [self.vector_path(name)],
+                cost={
+                    "wall_seconds": time.perf_counter() - start,
+                    "device_seconds": time.process_time() - cpu,
+                },
+            )
+
+    # ---- the evaluator pool -----------------------------------------------------------------
+    def pool(self) -> list:
+        from dem_ray.evaluator import start_pool
+
+        ev = self.cfg.evaluator
+        key = hash_json(
+            {
+                "vectors": [self.manifest.outputs_hash(f"vectors/{n}") for n in self.names],
+                "evaluator": dataclasses.asdict(ev),
+            }
+        )
+        if self._pool is not None and self._pool_key == key:
+            return self._pool
+        self.release_pool()
+        ensure_ray(self.ray_address)
+        kwargs = {
+            "base_dir": str(self.base_dir),
+            "vector_paths": [str(self.vector_path(n)) for n in self.names],
+            "shard_paths": {n: str(self.shard_path(n, "validation")) for n in self.names},
+            "batch_size": ev.batch_size,
+            "max_sequences": ev.max_validation_sequences,
+            "vector_dtype": ev.vector_dtype,
+            "torch_threads": ev.torch_threads,
+            "trust_remote_code": self.cfg.trust_remote_code,
+        }
+        log.info("starting %d evaluator actor(s)", ev.num_actors)
+        self._pool = start_pool(ev.num_actors, kwargs, ev.cpus_per_actor, ev.gpus_per_actor)
+        self._pool_key = key
+        return self._pool
+
+    def release_pool(self) -> None:
+        if self._pool is not None:
+            for actor in self._pool:
+                ray.kill(actor)
+        self._pool = None
+
+    def _eval_inputs(self) -> dict:
+        return {
+            "vectors": [self.manifest.outputs_hash(f"vectors/{n}") for n in self.names],
+            "validation": [self.manifest.entry(f"data/{n}")["outputs"] for n in self.names],
+            "max_validation_sequences": self.cfg.evaluator.max_validation_sequences,
+            "vector_dtype": self.cfg.evaluator.vector_dtype,
+        }
+
+    # ---- search -----------------------------------------------------------------------------
+    def stage_search(self, force: bool = False) -> None:
+        from dem_ray.search import best_trial, run_search
+
+        for name in self.names:
+            self._require(f"vectors/{name}", "vectors")
+        space_file = Path(self._space.source)
+        inputs = hash_json(
+            {
+                "search": {
+                    k: v
+                    for k, v in dataclasses.asdict(self.cfg.search).items()
+                    if k != "max_concurrent"
+                },
+                "space": space_file.read_text(),
+                **self._eval_inputs(),
+            }
+        )
+        if not self._begin("search", inputs, force):
+            return
+        start = time.perf_counter()
+        pool = self.pool()
+        out = self.run_dir / "search"
+        trials = run_search(self.cfg.search, self._space, pool, out, self.run_dir / "ray_tune")
+        best = best_trial(trials)
+        best_record = {
+            "weights": best["weights"],
+            "objective": {"name": self.cfg.search.objective, "value": best["objective"]},
+            "ppl": best["ppl"],
+            "trial": best["trial"],
+            "num_trials": len(trials),
+            "algorithm": self.cfg.search.algorithm,
+            "space": self._space.kind,
+        }
+        write_text_atomic(out / "best.json", json.dumps(best_record, indent=2))
+        weights = ", ".join(f"{k}={v:.4f}" for k, v in best["weights"].items())
+        log.info("search done: best objective %.4f at %s -> %s", best["objective"], weights, out)
+        self.manifest.record(
+            "search",
+            inputs,
+            [out / "trials.jsonl", out / "best.json"],
+            cost={
+                "device_seconds": sum(t["device_seconds"] for t in trials),
+                "tokens_evaluated": sum(t["tokens_evaluated"] for t in trials),
+                "wall_seconds": time.perf_counter() - start,
+                "evaluations": len(trials),
+            },
+        )
+
+    def best(self) -> dict:
+        self._require("search", "search")
+        return json.loads((self.run_dir / "search" / "best.json").read_text())
+
+    # ---- merge ------------------------------------------------------------------------------
+    def stage_merge(self, force: bool = False, weights: dict[str, float] | None = None) -> None:
+        from dem_ray.merge import merge_to_dir
+
+        for name in self.names:
+            self._require(f"vectors/{name}", "vectors")
+        if weights is None:
+            weights = self.best()["weights"]
+        self._space.check(weights)
+        inputs = hash_json(
+            {
+                "weights": weights,
+                "vectors": [self.manifest.outputs_hash(f"vectors/{n}") for n in self.names],
+                "base": self.manifest.entry("base")["fingerprint"],
+            }
+        )
+        if not self._begin("merge", inputs, force):
+            return
+        start, cpu = time.perf_counter(), time.process_time()
+        out = self.run_dir / "merged"
+        merge_to_dir(
+            self.base_dir,
+            [self.vector_path(n) for n in self.names],
+            [weights[n] for n in self.names],
+            out,
+            tokenizer_src=self.base_dir,
+            metadata={"datasets": self.names},
+        )
+        log.info("merged model -> %s", out)
+        self.manifest.record(
+            "merge",
+            inputs,
+            [out],
+            cost={
+                "wall_seconds": time.perf_counter() - start,
+                "device_seconds": time.process_time() - cpu,
+            },
+            extra={"weights": weights},
+        )
+
+    # ---- report -----------------------------------------------------------------------------
+    def stage_report(self, force: bool = False) -> None:
+        from dem_ray.report import build_report, write_report
+
+        self._require("merge", "merge")
+        inputs = hash_json(
+            {
+                "merge": self.manifest.outputs_hash("merge"),
+                "search": self.manifest.outputs_hash("search"),
+                "finetune": [self.manifest.outputs_hash(f"finetune/{n}") for n in self.names],
+                **self._eval_inputs(),
+            }
+        )
+        if not self._begin("report", inputs, force):
+            return
+        start = time.perf_counter()
+        actor = self.pool()[0]
+        models = {
+            "base": None,
+            **{f"finetuned/{n}": self.finetune_dir(n) for n in self.names},
+            "dem": self.run_dir / "merged",
+        }
+        scores, device_seconds, tokens = {}, 0.0, 0
+        for label, path in models.items():
+            if path is None:
+                result = ray.get(actor.evaluate.remote([0.0] * len(self.names)))
+            else:
+                result = ray.get(actor.evaluate_checkpoint.remote(str(path)))
+            scores[label] = {n: tuple(v) for n, v in result["nll"].items()}
+            device_seconds += result["device_seconds"]
+            tokens += result["tokens"]
+            log.info("report: scored %s", label)
+        cost = {
+            "device_seconds": device_seconds,
+            "tokens_evaluated": tokens,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        report = build_report(self, scores, cost)
+        out = self.run_dir / "report"
+        paths = write_report(report, self.run_dir / "search" / "trials.jsonl", out)
+        self.manifest.record("report", inputs, paths, cost=cost)
+        log.info("report -> %s", out)
+
+    def report(self) -> dict:
+        return json.loads((self.run_dir / "report" / "report.json").read_text())
+
+
+def _dir_fingerprint(path: Path) -> list:
+    """Names, sizes and mtimes of a model dir's files: cheap, and changes when they do."""
+    return [
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(Path(path).iterdir())
+        if p.is_file()
+    ]
+
+
+def _content_hash(path: Path) -> str:
+    if path.is_dir():
+        return hash_json(
+            [
+                (str(p.relative_to(path)), sha256_file(p))
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+            ]
+        )
+    return sha256_file(path)

@@ -1,0 +1,186 @@
+"""Ray Tune over the coefficient space: Optuna samplers, or the plain coefficient grid.
+
+Trials are light clients of the evaluator pool: a trial turns its parameters into
+weights, asks one evaluator actor for per-dataset NLL, and reports the objective.
+A driver-side callback appends every finished trial to `trials.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+
+from dem_ray.config import SearchConfig
+from dem_ray.perplexity import objective, perplexity
+from dem_ray.spaces import Space
+
+log = logging.getLogger(__name__)
+
+
+def make_sampler(algorithm: str, seed: int):
+    import optuna
+
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    return samplers[algorithm]()
+
+
+def _trial_index(trial_id: str) -> int:
+    match = re.search(r"(\d+)$", trial_id)
+    return int(match.group(1)) if match else abs(hash(trial_id))
+
+
+def run_trial(config: dict, evaluators: list, space: Space, objective_kind: str) -> None:
+    """One candidate: weights -> an evaluator actor -> objective, reported to Tune."""
+    if "grid_point" in config:
+        weights = dict(config["grid_point"])
+    else:
+        weights = space.to_weights(config)
+    actor = evaluators[_trial_index(tune.get_context().get_trial_id()) % len(evaluators)]
+    result = ray.get(actor.evaluate.remote([weights[n] for n in space.names]))
+    nll = {name: tuple(v) for name, v in result["nll"].items()}
+    tune.report(
+        {
+            "objective": objective(nll, objective_kind),
+            "weights": weights,
+            "ppl": {name: perplexity(s, n) for name, (s, n) in nll.items()},
+            "device_seconds": result["device_seconds"],
+            "tokens_evaluated": result["tokens"],
+        }
+    )
+
+
+class TrialRecorder(tune.Callback):
+    """Appends each finished trial to trials.jsonl and logs progress as trials finish."""
+
+    def __init__(self, path: Path, total: int) -> None:
+        self.path = path
+        self.total = total
+        self.done = 0
+        self.best: dict | None = None
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        if "objective" not in result:
+            return
+        record = {
+            "trial": self.done,
+            "trial_id": trial.trial_id,
+            "weights": result["weights"],
+            "objective": result["objective"],
+            "ppl": result["ppl"],
+            "device_seconds": result["device_seconds"],
+            "tokens_evaluated": result["tokens_evaluated"],
+        }
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+        self.done += 1
+        if self.best is None or record["objective"] < self.best["objective"]:
+            self.best = record
+        weights = ", ".join(f"{k}={v:.3f}" for k, v in self.best["weights"].items())
+        log.info(
+            "search: trial %d/%d objective %.4f; best %.4f (%s)",
+            self.done,
+            self.total,
+            record["objective"],
+            self.best["objective"],
+            weights,
+        )
+
+
+def run_search(
+    cfg: SearchConfig,
+    space: Space,
+    evaluators: list,
+    out_dir: Path,
+    storage_dir: Path,
+) -> list[dict]:
+    """Run the search; return the finished trials in order (also in out_dir/trials.jsonl)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials_path = out_dir / "trials.jsonl"
+    trials_path.unlink(missing_ok=True)
+    trainable = tune.with_parameters(
+        run_trial, evaluators=evaluators, space=space, objective_kind=cfg.objective
+    )
+    trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    if cfg.algorithm == "grid":
+        points = space.grid(cfg.grid_step)
+        total = len(points)
+        log.info("search: the plain coefficient grid, %d points at step %g", total, cfg.grid_step)
+        param_space = {"grid_point": tune.grid_search(points)}
+        tune_config = tune.TuneConfig(
+            metric="objective",
+            mode="min",
+            num_samples=1,
+            max_concurrent_trials=cfg.max_concurrent,
+            reuse_actors=True,
+        )
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        total = cfg.num_trials
+        log.info(
+            "search: Optuna %s over the %s space, %d trials, %d at a time",
+            cfg.algorithm,
+            space.kind,
+            total,
+            cfg.max_concurrent,
+        )
+        param_space = {
+            p: tune.uniform(lo, hi)
+            for p, (lo, hi) in zip(space.param_names, space.param_bounds(), strict=True)
+        }
+        searcher = OptunaSearch(
+            sampler=make_sampler(cfg.algorithm, cfg.seed), metric="objective", mode="min"
+        )
+        tune_config = tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
+            num_samples=total,
+            reuse_actors=True,
+        )
+    recorder = TrialRecorder(trials_path, total)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=f"search-{time.time_ns()}",
+            storage_path=str(storage_dir),
+            callbacks=[recorder],
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} search trial(s) failed; first: {errors[0]}")
+    trials = read_trials(trials_path)
+    if len(trials) != total:
+        raise RuntimeError(f"search finished {len(trials)} trials of {total}")
+    return trials
+
+
+def read_trials(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def best_trial(trials: list[dict]) -> dict:
+    finite = [t for t in trials if math.isfinite(t["objective"])]
+    if not finite:
+        raise RuntimeError("no search trial produced a finite objective")
+    return min(finite, key=lambda t: t["objective"])

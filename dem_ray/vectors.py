@@ -1,0 +1,120 @@
+"""Distribution vectors v = theta_finetuned - theta_base, streamed tensor by tensor.
+
+Only one tensor of each model is read at a time (safetensors is memory-mapped), so
+the stage never holds two whole models; the vector itself is the one model-sized
+thing in memory. Pure torch: nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VectorError(ValueError):
+    """Checkpoints that cannot be subtracted, or a damaged vector file."""
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise VectorError(f"{model_dir}: no *.safetensors files")
+    return files
+
+
+def tensor_index(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (handles sharded checkpoints)."""
+    index: dict[str, Path] = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+                index[name] = path
+    return index
+
+
+def check_compatible(base_dir: Path, other_dir: Path) -> dict[str, Path]:
+    """Same tensor names, shapes and dtypes as the base, or an error naming the tensor."""
+    base, other = tensor_index(base_dir), tensor_index(other_dir)
+    missing = sorted(set(base) - set(other))
+    extra = sorted(set(other) - set(base))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise VectorError(
+            f"{other_dir}: tensors differ in name from the base {base_dir}: {what}; "
+            "a fine-tune must come from this same base model"
+        )
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        for name in base:
+            b = _slice(stack, handles, base[name], name)
+            o = _slice(stack, handles, other[name], name)
+            if b.get_shape() != o.get_shape() or b.get_dtype() != o.get_dtype():
+                raise VectorError(
+                    f"{other_dir}: tensor '{name}' is {o.get_dtype()}{o.get_shape()} but the "
+                    f"base has {b.get_dtype()}{b.get_shape()}; a fine-tune must come from "
+                    "this same base model"
+                )
+    return other
+
+
+def compute_vector(base_dir: Path, finetuned_dir: Path, out_path: Path, dtype: str = "float32"):
+    """Write v = finetuned - base to `out_path` (safetensors), tensor by tensor."""
+    base_index = tensor_index(base_dir)
+    other_index = check_compatible(base_dir, finetuned_dir)
+    out: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        for name in sorted(base_index):
+            b = _handle(stack, handles, base_index[name]).get_tensor(name)
+            f = _handle(stack, handles, other_index[name]).get_tensor(name)
+            if not torch.isfinite(f).all():
+                raise VectorError(
+                    f"{finetuned_dir}: tensor '{name}' has NaN or Inf; the fine-tune diverged "
+                    "(lower finetune.learning_rate) - re-run the finetune stage"
+                )
+            out[name] = (f.to(torch.float32) - b.to(torch.float32)).to(DTYPES[dtype])
+            del b, f
+    metadata = {"base": str(base_dir), "finetuned": str(finetuned_dir), "dtype": dtype}
+    save_tensors(out, Path(out_path), metadata)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
+    """save_file to a temp name in the same directory, then rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file, with an error that names a damaged file."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        raise VectorError(f"{path}: cannot be read as safetensors ({exc})") from exc
+
+
+def _handle(stack: ExitStack, handles: dict, path: Path):
+    if path not in handles:
+        handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+    return handles[path]
+
+
+def _slice(stack: ExitStack, handles: dict, path: Path, name: str):
+    return _handle(stack, handles, path).get_slice(name)

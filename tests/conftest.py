@@ -1,0 +1,98 @@
+"""Shared fixtures: one Ray session for the whole suite, and a tiny base model with data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+STYLES = ("numbers", "letters", "code")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray instance for every test that needs Ray (starting one costs ~6 s)."""
+    import ray
+
+    temp_dir = Path("/tmp") / f"demray-{os.getpid()}"
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=str(temp_dir),
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny Llama (tied embeddings) with a BPE tokenizer trained on the test styles."""
+    from dem_ray.tiny import make_tiny_model, synthetic_corpus
+
+    texts = [t for s in STYLES for t in synthetic_corpus(s, 150, seed=7)]
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "base", texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    from dem_ray.tiny import synthetic_corpus, write_jsonl
+
+    root = tmp_path_factory.mktemp("data")
+    return {s: write_jsonl(root / f"{s}.jsonl", synthetic_corpus(s, 160, seed=1)) for s in STYLES}
+
+
+def tiny_config(run_dir: Path, base: Path, data: dict[str, Path], **overrides) -> dict:
+    """A run config (as plain data) small enough for a few seconds per stage."""
+    config = {
+        "run_dir": str(run_dir),
+        "base_model": str(base),
+        "datasets": {
+            name: {"path": str(path), "validation_fraction": 0.15} for name, path in data.items()
+        },
+        "finetune": {
+            "max_steps": 12,
+            "batch_size": 8,
+            "seq_len": 32,
+            "learning_rate": 3.0e-3,
+            "cpus_per_worker": 0.5,
+            "torch_threads": 1,
+            "log_every": 6,
+        },
+        "search": {"num_trials": 6, "max_concurrent": 2, "seed": 0},
+        "evaluator": {
+            "num_actors": 1,
+            "cpus_per_actor": 0.5,
+            "torch_threads": 1,
+            "max_validation_sequences": 16,
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    return tiny_config

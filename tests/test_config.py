@@ -1,0 +1,365 @@
+"""Tests for dem_ray.config: a valid config parses; every bad one fails naming file and key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dem_ray.config import (
+    ConfigError,
+    DatasetConfig,
+    EvaluatorConfig,
+    FinetuneConfig,
+    RunConfig,
+    SearchConfig,
+    load_config,
+    parse_config,
+)
+
+
+def minimal() -> dict:
+    return {
+        "run_dir": "runs/demo",
+        "base_model": "some/model",
+        "datasets": {
+            "code": {"path": "data/code.jsonl"},
+            "prose": {"path": "data/prose.jsonl"},
+        },
+    }
+
+
+def write(tmp_path: Path, raw) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+def error_of(tmp_path: Path, raw) -> str:
+    path = write(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message, message
+    return message
+
+
+# -- valid configs ------------------------------------------------------------------
+
+
+def test_minimal_config_parses_with_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, minimal())
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert config.run_dir == "runs/demo"
+    assert config.base_model == "some/model"
+    assert config.source == str(path)
+    assert config.trust_remote_code is False
+    assert config.dataset_names == ["code", "prose"]
+    assert config.datasets["code"] == DatasetConfig(path="data/code.jsonl")
+    assert config.datasets["code"].text_field == "text"
+    assert config.datasets["code"].validation_fraction == 0.05
+    assert config.datasets["code"].validation_path is None
+    assert config.finetune == FinetuneConfig()
+    assert config.search == SearchConfig()
+    assert config.evaluator == EvaluatorConfig()
+    assert config.finetune.max_steps == 60
+    assert config.search.algorithm == "tpe"
+    assert config.search.objective == "macro"
+    assert config.evaluator.vector_dtype == "float32"
+    assert config.section("finetune") == dataclasses.asdict(FinetuneConfig())
+
+
+def test_full_config_values_are_typed(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["trust_remote_code"] = True
+    raw["datasets"]["code"] = {
+        "path": "c.parquet",
+        "text_field": "content",
+        "validation_path": "c_val.jsonl",
+        "validation_fraction": 0.2,
+        "max_train_documents": 100,
+    }
+    raw["finetune"] = {"max_steps": 5, "learning_rate": 1, "seq_len": 2, "torch_threads": 3}
+    raw["search"] = {"algorithm": "grid", "objective": "token_weighted", "grid_step": 0.5}
+    raw["evaluator"] = {"vector_dtype": "bfloat16", "max_validation_sequences": None}
+    config = load_config(write(tmp_path, raw))
+    assert config.trust_remote_code is True
+    assert config.datasets["code"] == DatasetConfig(
+        path="c.parquet",
+        text_field="content",
+        validation_path="c_val.jsonl",
+        validation_fraction=0.2,
+        max_train_documents=100,
+    )
+    # An int where a float is declared becomes a float.
+    assert config.finetune.learning_rate == 1.0
+    assert type(config.finetune.learning_rate) is float
+    assert config.finetune.max_steps == 5
+    assert config.finetune.seq_len == 2
+    assert config.finetune.torch_threads == 3
+    assert config.finetune.batch_size == 8  # untouched default
+    assert config.search.algorithm == "grid"
+    assert config.search.objective == "token_weighted"
+    assert config.search.grid_step == 0.5
+    assert config.evaluator.vector_dtype == "bfloat16"
+    assert config.evaluator.max_validation_sequences is None
+
+
+def test_dataset_as_bare_string_path(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["datasets"] = {"code": "data/code.jsonl", "prose": "data/prose.txt"}
+    config = load_config(write(tmp_path, raw))
+    assert config.datasets["code"] == DatasetConfig(path="data/code.jsonl")
+    assert config.datasets["prose"].path == "data/prose.txt"
+    assert config.datasets["prose"].text_field == "text"
+
+
+def test_empty_sections_take_defaults(tmp_path: Path) -> None:
+    text = yaml.safe_dump(minimal()) + "finetune:\nsearch: {}\n"
+    config = load_config(write(tmp_path, text))
+    assert config.finetune == FinetuneConfig()
+    assert config.search == SearchConfig()
+
+
+def test_parse_config_without_file_uses_dict_source() -> None:
+    config = parse_config(minimal())
+    assert config.source == "<dict>"
+    with pytest.raises(ConfigError, match="<dict>"):
+        parse_config({**minimal(), "bogus": 1})
+
+
+# -- unknown keys ---------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_suggests(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["finetun"] = {"max_steps": 3}
+    message = error_of(tmp_path, raw)
+    assert "unknown key 'finetun'" in message
+    assert "did you mean 'finetune'" in message
+
+
+def test_unknown_nested_key_suggests(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["finetune"] = {"max_step": 3}
+    message = error_of(tmp_path, raw)
+    assert "'finetune.max_step'" in message
+    assert "did you mean 'max_steps'" in message
+
+
+def test_unknown_dataset_key_suggests(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["datasets"]["code"]["text_feild"] = "body"
+    message = error_of(tmp_path, raw)
+    assert "'datasets.code.text_feild'" in message
+    assert "did you mean 'text_field'" in message
+
+
+def test_unknown_key_without_close_match_lists_known(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["search"] = {"zzzzzz": 1}
+    message = error_of(tmp_path, raw)
+    assert "'search.zzzzzz'" in message
+    assert "known keys:" in message
+    assert "algorithm" in message and "num_trials" in message
+
+
+# -- types ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "wanted"),
+    [
+        ("finetune", "max_steps", "10", "int"),
+        ("finetune", "max_steps", True, "int"),
+        ("finetune", "batch_size", 2.5, "int"),
+        ("finetune", "learning_rate", "fast", "float"),
+        ("finetune", "learning_rate", False, "float"),
+        ("search", "algorithm", 3, "str"),
+        ("evaluator", "max_validation_sequences", "64", "int or NoneType"),
+    ],
+)
+def test_wrong_types(tmp_path: Path, section, key, value, wanted) -> None:
+    raw = minimal()
+    raw[section] = {key: value}
+    message = error_of(tmp_path, raw)
+    assert f"'{section}.{key}' must be {wanted}" in message
+    assert repr(value) in message
+
+
+def test_wrong_type_top_level(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["trust_remote_code"] = "yes"
+    message = error_of(tmp_path, raw)
+    assert "'trust_remote_code' must be bool" in message
+    raw = minimal()
+    raw["run_dir"] = 5
+    assert "'run_dir' must be str" in error_of(tmp_path, raw)
+
+
+def test_section_not_a_mapping(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["search"] = "tpe"
+    message = error_of(tmp_path, raw)
+    assert "'search' must be a mapping" in message
+
+
+def test_dataset_spec_not_a_mapping(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["datasets"]["code"] = ["a.jsonl"]
+    assert "'datasets.code' must be a mapping" in error_of(tmp_path, raw)
+
+
+def test_config_not_a_mapping(tmp_path: Path) -> None:
+    assert "must be a mapping" in error_of(tmp_path, "- a\n- b\n")
+
+
+@pytest.mark.parametrize("value", [[], False, 0])
+def test_falsy_non_mapping_section_rejected(tmp_path: Path, value) -> None:
+    raw = minimal()
+    raw["finetune"] = value
+    assert "'finetune' must be a mapping" in error_of(tmp_path, raw)
+
+
+def test_learning_rate_in_plain_exponent_notation(tmp_path: Path) -> None:
+    text = yaml.safe_dump(minimal()) + "finetune:\n  learning_rate: 1e-4\n"
+    assert load_config(write(tmp_path, text)).finetune.learning_rate == 1e-4
+
+
+# -- ranges and choices -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "fragment"),
+    [
+        ("finetune", "learning_rate", -0.001, "'finetune.learning_rate' must be > 0"),
+        ("finetune", "learning_rate", 0, "'finetune.learning_rate' must be > 0"),
+        ("finetune", "max_steps", 0, "'finetune.max_steps' must be > 0"),
+        ("finetune", "batch_size", -1, "'finetune.batch_size' must be > 0"),
+        ("finetune", "seq_len", 1, "finetune.seq_len must be >= 2"),
+        ("finetune", "warmup_steps", -1, "'finetune.warmup_steps' must be >= 0"),
+        ("finetune", "weight_decay", -0.1, "'finetune.weight_decay' must be >= 0"),
+        ("finetune", "gpus_per_worker", -1, "'finetune.gpus_per_worker' must be >= 0"),
+        ("search", "algorithm", "bayes", "'search.algorithm' is 'bayes'; choose one of"),
+        ("search", "objective", "mean", "'search.objective' is 'mean'; choose one of"),
+        ("search", "num_trials", 0, "'search.num_trials' must be > 0"),
+        ("search", "grid_step", 0.0, "search.grid_step must be in (0, 1]"),
+        ("search", "grid_step", 1.5, "search.grid_step must be in (0, 1]"),
+        ("evaluator", "vector_dtype", "int8", "'evaluator.vector_dtype' is 'int8'"),
+        ("evaluator", "num_actors", 0, "'evaluator.num_actors' must be > 0"),
+        ("evaluator", "max_validation_sequences", 0, "max_validation_sequences' must be > 0"),
+    ],
+)
+def test_out_of_range(tmp_path: Path, section, key, value, fragment) -> None:
+    raw = minimal()
+    raw[section] = {key: value}
+    assert fragment in error_of(tmp_path, raw)
+
+
+def test_choice_error_lists_options(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["search"] = {"algorithm": "bayes"}
+    message = error_of(tmp_path, raw)
+    assert "tpe, cmaes, gp, random, grid" in message
+
+
+@pytest.mark.parametrize("fraction", [1.5, 1.0, 0.0, -0.1])
+def test_validation_fraction_range(tmp_path: Path, fraction) -> None:
+    raw = minimal()
+    raw["datasets"]["prose"]["validation_fraction"] = fraction
+    assert "datasets.prose.validation_fraction must be in (0, 1)" in error_of(tmp_path, raw)
+
+
+def test_max_train_documents_range(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["datasets"]["code"]["max_train_documents"] = 0
+    assert "datasets.code.max_train_documents must be >= 1" in error_of(tmp_path, raw)
+
+
+# -- required keys and datasets -------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["run_dir", "base_model", "datasets"])
+def test_missing_required_key(tmp_path: Path, key) -> None:
+    raw = minimal()
+    del raw[key]
+    assert f"missing required key '{key}'" in error_of(tmp_path, raw)
+
+
+@pytest.mark.parametrize("key", ["run_dir", "base_model"])
+def test_empty_required_string(tmp_path: Path, key) -> None:
+    raw = minimal()
+    raw[key] = ""
+    assert f"missing required key '{key}'" in error_of(tmp_path, raw)
+
+
+def test_dataset_without_path(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["datasets"]["code"] = {"text_field": "body"}
+    assert "missing required key 'datasets.code.path'" in error_of(tmp_path, raw)
+
+
+def test_datasets_not_a_mapping(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["datasets"] = ["a.jsonl", "b.jsonl"]
+    assert "'datasets' must map names" in error_of(tmp_path, raw)
+
+
+def test_fewer_than_two_datasets(tmp_path: Path) -> None:
+    raw = minimal()
+    del raw["datasets"]["prose"]
+    assert "at least two datasets" in error_of(tmp_path, raw)
+
+
+@pytest.mark.parametrize("name", ["bad name", "-lead", "a/b", "", "ünï"])
+def test_bad_dataset_names(tmp_path: Path, name) -> None:
+    raw = minimal()
+    raw["datasets"][name] = "x.jsonl"
+    message = error_of(tmp_path, raw)
+    assert f"dataset name {name!r}" in message
+
+
+def test_non_string_dataset_name(tmp_path: Path) -> None:
+    text = yaml.safe_dump(minimal()).replace("code:", "7:")
+    assert "dataset name 7" in error_of(tmp_path, text)
+
+
+@pytest.mark.parametrize("name", ["a", "Code_2", "web-text.v1", "0x"])
+def test_good_dataset_names(name) -> None:
+    raw = minimal()
+    raw["datasets"][name] = "x.jsonl"
+    assert name in parse_config(raw).dataset_names
+
+
+# -- load_config ----------------------------------------------------------------------
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert "not found" in str(info.value)
+
+
+def test_load_config_directory_is_not_a_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path)
+
+
+def test_load_config_invalid_yaml(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "run_dir: [unclosed\nbase_model: x\n")
+    assert "not valid YAML" in message
+
+
+def test_load_config_empty_file(tmp_path: Path) -> None:
+    assert "must be a mapping" in error_of(tmp_path, "")
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config(minimal())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.finetune.max_steps = 3  # type: ignore[misc]

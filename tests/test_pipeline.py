@@ -1,0 +1,205 @@
+"""The whole pipeline through real local Ray on a tiny model and tiny data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dem_ray.config import parse_config
+from dem_ray.perplexity import objective, perplexity, token_nll
+from dem_ray.pipeline import Pipeline
+
+ALL_STAGES = [
+    "base", "data/numbers", "data/letters", "data/code",
+    "finetune/numbers", "finetune/letters", "finetune/code",
+    "vectors/numbers", "vectors/letters", "vectors/code",
+    "search", "merge", "report",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session, tiny_base, tiny_data, make_config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    raw = make_config(run_dir / "run", tiny_base, tiny_data)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(json.dumps(raw))  # JSON is YAML
+    pipeline = Pipeline(parse_config(raw, source=str(config_path)))
+    pipeline.run()
+    return pipeline, raw, config_path
+
+
+def test_every_stage_ran_once(finished):
+    pipeline, _, _ = finished
+    assert pipeline.ran == ALL_STAGES
+    assert pipeline.skipped == []
+
+
+def test_finetunes_are_hf_dirs_that_moved(finished, tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pipeline, _, _ = finished
+    base = load_file(tiny_base / "model.safetensors")
+    for name in pipeline.names:
+        path = pipeline.finetune_dir(name)
+        AutoModelForCausalLM.from_pretrained(path)
+        AutoTokenizer.from_pretrained(path)
+        tuned = load_file(path / "model.safetensors")
+        assert tuned.keys() == base.keys()
+        assert any(not torch.equal(tuned[k], base[k]) for k in base)
+        cost = pipeline.manifest.entry(f"finetune/{name}")["cost"]
+        # 12 steps x batch 8 x seq_len 32 on one worker.
+        assert cost["tokens_trained"] == 12 * 8 * 32
+        assert cost["device_seconds"] > 0 and cost["wall_seconds"] > 0
+
+
+def test_vectors_are_differences(finished, tiny_base):
+    pipeline, _, _ = finished
+    base = load_file(tiny_base / "model.safetensors")
+    for name in pipeline.names:
+        tuned = load_file(pipeline.finetune_dir(name) / "model.safetensors")
+        vector = load_file(pipeline.vector_path(name))
+        assert vector.keys() == base.keys()
+        for key in base:
+            assert torch.equal(vector[key], tuned[key] - base[key]), key
+
+
+def test_trials_file(finished):
+    pipeline, raw, _ = finished
+    lines = (pipeline.run_dir / "search" / "trials.jsonl").read_text().splitlines()
+    trials = [json.loads(line) for line in lines]
+    assert len(trials) == raw["search"]["num_trials"]
+    for trial in trials:
+        assert set(trial["weights"]) == set(pipeline.names)
+        assert min(trial["weights"].values()) >= 0
+        assert sum(trial["weights"].values()) == pytest.approx(1.0, abs=1e-9)
+        assert set(trial["ppl"]) == set(pipeline.names)
+        logs = [torch.log(torch.tensor(trial["ppl"][n], dtype=torch.float64)) for n in trial["ppl"]]
+        assert trial["objective"] == pytest.approx(float(sum(logs) / len(logs)), rel=1e-9)
+    best = json.loads((pipeline.run_dir / "search" / "best.json").read_text())
+    assert best["objective"]["value"] == min(t["objective"] for t in trials)
+
+
+def test_merged_model_is_base_plus_weighted_vectors(finished, tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    pipeline, _, _ = finished
+    weights = pipeline.report()["best_weights"]
+    base = load_file(tiny_base / "model.safetensors")
+    merged = load_file(pipeline.run_dir / "merged" / "model.safetensors")
+    vectors = {n: load_file(pipeline.vector_path(n)) for n in pipeline.names}
+    for key in base:
+        expected = base[key].double() + sum(weights[n] * vectors[n][key].double() for n in vectors)
+        torch.testing.assert_close(merged[key].double(), expected, rtol=0, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(pipeline.run_dir / "merged")
+    # Tied embeddings: the output head is the merged embedding, stored once.
+    assert torch.equal(model.lm_head.weight, merged["model.embed_tokens.weight"])
+
+
+def test_report_matches_a_recomputation(finished):
+    from transformers import AutoModelForCausalLM
+
+    pipeline, raw, _ = finished
+    report = pipeline.report()
+    assert set(report) >= {"best_weights", "objective", "num_trials", "ppl", "cost"}
+    assert report["num_trials"] == raw["search"]["num_trials"]
+    expected_models = {"base", "dem", *(f"finetuned/{n}" for n in pipeline.names)}
+    assert set(report["ppl"]) == expected_models
+    limit = raw["evaluator"]["max_validation_sequences"]
+    models = {"dem": pipeline.run_dir / "merged", "base": pipeline.base_dir}
+    models |= {f"finetuned/{n}": pipeline.finetune_dir(n) for n in pipeline.names}
+    for label, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        nll = {}
+        for name in pipeline.names:
+            rows = load_file(pipeline.shard_path(name, "validation"))["input_ids"][:limit]
+            nll[name] = token_nll(model, rows, batch_size=5)
+            assert report["ppl"][label][name] == pytest.approx(perplexity(*nll[name]), rel=1e-4)
+        assert report["objectives"][label] == pytest.approx(objective(nll), rel=1e-5)
+    assert report["objective"]["value"] == pytest.approx(report["objectives"]["dem"])
+    for stage in ("finetune", "vectors", "search", "merge", "report"):
+        assert report["cost"][stage]["wall_seconds"] > 0
+    assert report["cost"]["search"]["evaluations"] == raw["search"]["num_trials"]
+    markdown = (pipeline.run_dir / "report" / "report.md").read_text()
+    assert f"{report['ppl']['dem']['code']:.3f}" in markdown
+    assert (pipeline.run_dir / "report" / "search.png").stat().st_size > 1000
+
+
+def test_dem_search_beats_the_base(finished):
+    report = finished[0].report()
+    assert report["objectives"]["dem"] < report["objectives"]["base"]
+
+
+def test_second_run_skips_everything_and_cli_prints_summary(finished):
+    _, _, config_path = finished
+    done = subprocess.run(
+        [sys.executable, "-m", "dem_ray.cli", "run", str(config_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "stages run: none" in done.stdout
+    assert "finetune/code" in done.stdout.split("stages skipped")[1]
+    assert "validation perplexity" in done.stdout and "merged model:" in done.stdout
+
+
+def test_changing_one_dataset_reruns_only_what_depends_on_it(
+    ray_session, tiny_base, tiny_data, make_config, tmp_path
+):
+    import shutil
+
+    from dem_ray.tiny import synthetic_corpus, write_jsonl
+
+    data = {n: tmp_path / p.name for n, p in tiny_data.items()}
+    for name, path in tiny_data.items():
+        shutil.copy(path, data[name])
+    raw = make_config(tmp_path / "run", tiny_base, data, search={"num_trials": 2})
+    first = Pipeline(parse_config(raw))
+    first.run()
+    write_jsonl(data["letters"], synthetic_corpus("letters", 160, seed=99))
+    second = Pipeline(parse_config(raw))
+    second.run()
+    assert second.ran == [
+        "data/letters", "finetune/letters", "vectors/letters", "search", "merge", "report",
+    ]  # fmt: skip
+
+
+def test_grid_search_visits_every_grid_point(finished, make_config, tiny_base, tiny_data):
+    from dem_ray.search import run_search
+    from dem_ray.spaces import load_space
+
+    pipeline, raw, _ = finished
+    cfg = parse_config(make_config(pipeline.run_dir, tiny_base, tiny_data,
+                                   search={"algorithm": "grid", "grid_step": 0.5}))  # fmt: skip
+    space = load_space("simplex", pipeline.names)
+    out = pipeline.run_dir / "grid-test"
+    trials = run_search(cfg.search, space, pipeline.pool(), out, pipeline.run_dir / "ray_tune")
+    seen = sorted(tuple(t["weights"][n] for n in pipeline.names) for t in trials)
+    assert seen == sorted(tuple(p[n] for n in pipeline.names) for p in space.grid(0.5))
+    assert len(seen) == 6
+    corner = next(t for t in trials if t["weights"]["code"] == 1.0)
+    assert corner["ppl"]["code"] == pytest.approx(pipeline.report()["ppl"]["finetuned/code"]["code"],
+                                                  rel=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ["cmaes", "gp", "random"])
+def test_other_samplers_run_and_stay_on_the_simplex(
+    finished, make_config, tiny_base, tiny_data, algorithm
+):
+    from dem_ray.search import run_search
+    from dem_ray.spaces import load_space
+
+    pipeline, _, _ = finished
+    raw = make_config(pipeline.run_dir, tiny_base, tiny_data,
+                      search={"algorithm": algorithm, "num_trials": 3, "seed": 1})  # fmt: skip
+    cfg = parse_config(raw)
+    space = load_space("simplex", pipeline.names)
+    out = pipeline.run_dir / f"{algorithm}-test"
+    trials = run_search(cfg.search, space, pipeline.pool(), out, pipeline.run_dir / "ray_tune")
+    assert len(trials) == 3
+    for trial in trials:
+        assert sum(trial["weights"].values()) == pytest.approx(1.0, abs=1e-9)
+        assert min(trial["weights"].values()) >= 0
