@@ -61,6 +61,7 @@ class SearchConfig:
     seed: int = 0
     objective: str = "macro"
     grid_step: float = 0.25
+    compare_grid: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,27 @@ class EvaluatorConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """The data-mixing grid: one model trained per mixing ratio on the mixed data."""
+
+    grid_step: float | None = None
+    mixtures: tuple[tuple[tuple[str, float], ...], ...] = ()
+    steps: int | None = None
+    keep_all: bool = False
+
+    def mixture_dicts(self) -> list[dict[str, float]]:
+        return [dict(m) for m in self.mixtures]
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Prices that turn measured device-seconds into money, per kind of device."""
+
+    usd_per_gpu_hour: float = 3.0
+    usd_per_cpu_hour: float = 0.05
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole DEM run; `source` is the file it came from (for error messages)."""
 
@@ -86,6 +108,8 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    baseline: BaselineConfig | None = None
+    cost: CostConfig = field(default_factory=CostConfig)
     trust_remote_code: bool = False
     source: str = "<dict>"
 
@@ -131,8 +155,13 @@ def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
     """Validate a config given as plain data (as read from YAML)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a mapping of keys, got {_kind(raw)}")
-    sections = {"finetune": FinetuneConfig, "search": SearchConfig, "evaluator": EvaluatorConfig}
-    top_keys = ["run_dir", "base_model", "datasets", *sections, "trust_remote_code"]
+    sections = {
+        "finetune": FinetuneConfig,
+        "search": SearchConfig,
+        "evaluator": EvaluatorConfig,
+        "cost": CostConfig,
+    }
+    top_keys = ["run_dir", "base_model", "datasets", *sections, "baseline", "trust_remote_code"]
     _check_keys(raw, top_keys, source, prefix="")
     for key in ("run_dir", "base_model", "datasets"):
         if raw.get(key) in (None, "", {}):
@@ -160,16 +189,64 @@ def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
         name: _build(cls, {} if raw.get(name) is None else raw[name], source, name)
         for name, cls in sections.items()
     }
+    baseline = None
+    if raw.get("baseline") is not None:
+        baseline = _parse_baseline(raw["baseline"], list(datasets), source)
     config = RunConfig(
         run_dir=run_dir,
         base_model=base_model,
         datasets=datasets,
+        baseline=baseline,
         trust_remote_code=trust,
         source=source,
         **built,
     )
     _check_ranges(config)
     return config
+
+
+def _parse_baseline(raw: Any, names: list[str], source: str) -> BaselineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: 'baseline' must be a mapping, got {_kind(raw)}")
+    _check_keys(raw, ["grid_step", "mixtures", "steps", "keep_all"], source, "baseline")
+    mixtures = raw.get("mixtures")
+    grid_step = raw.get("grid_step")
+    if (mixtures is None) == (grid_step is None):
+        raise ConfigError(f"{source}: 'baseline' needs exactly one of grid_step or mixtures")
+    parsed: list[tuple[tuple[str, float], ...]] = []
+    if mixtures is not None:
+        if not isinstance(mixtures, list) or not mixtures:
+            raise ConfigError(f"{source}: 'baseline.mixtures' must be a non-empty list")
+        for i, mix in enumerate(mixtures):
+            key = f"baseline.mixtures[{i}]"
+            if not isinstance(mix, dict):
+                raise ConfigError(f"{source}: '{key}' must map dataset names to ratios")
+            for name, ratio in mix.items():
+                if name not in names:
+                    raise ConfigError(
+                        f"{source}: '{key}.{name}': no dataset '{name}' in the config "
+                        f"(datasets: {', '.join(names)})"
+                    )
+                value = _typed(ratio, float, source, f"{key}.{name}")
+                if value < 0:
+                    raise ConfigError(f"{source}: '{key}.{name}' must be >= 0, got {value}")
+            total = sum(float(v) for v in mix.values())
+            if total <= 0:
+                raise ConfigError(f"{source}: '{key}' has no positive ratio")
+            parsed.append(tuple((n, float(mix.get(n, 0.0)) / total) for n in names))
+    else:
+        grid_step = _typed(grid_step, float, source, "baseline.grid_step")
+        n = round(1.0 / grid_step) if grid_step > 0 else 0
+        if not 0 < grid_step <= 1 or abs(n * grid_step - 1.0) > 1e-5:
+            raise ConfigError(
+                f"{source}: 'baseline.grid_step' must divide 1 (e.g. 0.5, 0.25, 0.2), "
+                f"got {grid_step}"
+            )
+    steps = _typed(raw.get("steps"), int | None, source, "baseline.steps")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"{source}: 'baseline.steps' must be >= 1, got {steps}")
+    keep_all = _typed(raw.get("keep_all", False), bool, source, "baseline.keep_all")
+    return BaselineConfig(grid_step, tuple(parsed), steps, keep_all)
 
 
 def _check_ranges(c: RunConfig) -> None:
@@ -198,6 +275,8 @@ def _check_ranges(c: RunConfig) -> None:
     _positive(r.max_concurrent, s, "search.max_concurrent")
     if not 0.0 < r.grid_step <= 1.0:
         raise ConfigError(f"{s}: search.grid_step must be in (0, 1]")
+    _non_negative(c.cost.usd_per_gpu_hour, s, "cost.usd_per_gpu_hour")
+    _non_negative(c.cost.usd_per_cpu_hour, s, "cost.usd_per_cpu_hour")
     e = c.evaluator
     _positive(e.num_actors, s, "evaluator.num_actors")
     _positive(e.batch_size, s, "evaluator.batch_size")

@@ -26,20 +26,37 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FinetuneJob:
+    """One training run: a single dataset (DEM) or a mixture of several (the baseline)."""
+
     name: str
     base_dir: str
-    train_shard: str
+    train_shards: dict[str, str]
     out_dir: str
+    mixture: dict[str, float] | None = None  # sampling ratio per dataset; None: one dataset
+    max_steps: int | None = None  # overrides FinetuneConfig.max_steps
+
+
+def sample_batch(
+    shards: list[torch.Tensor], probs: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows drawn from the shards in proportion to `probs`; also the rows per shard."""
+    source = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+    rows = []
+    for s in source.tolist():
+        index = torch.randint(shards[s].shape[0], (1,), generator=generator)
+        rows.append(shards[s][index])
+    return torch.cat(rows), torch.bincount(source, minlength=len(shards))
 
 
 def train_loop(config: dict) -> None:
-    """Runs on each Ray Train worker: AdamW on random packed rows of one dataset."""
+    """Runs on each Ray Train worker: AdamW on random packed rows of one dataset or a mixture."""
     import ray.train.torch as rt
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     hp = FinetuneConfig(**config["finetune"])
+    max_steps = config.get("max_steps") or hp.max_steps
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if hp.torch_threads:
@@ -49,7 +66,11 @@ def train_loop(config: dict) -> None:
     model.train()
     model = rt.prepare_model(model)
     device = next(model.parameters()).device
-    rows = load_file(config["train_shard"])["input_ids"]
+    names = list(config["train_shards"])
+    shards = [load_file(config["train_shards"][n])["input_ids"] for n in names]
+    mixture = config.get("mixture") or {names[0]: 1.0}
+    probs = torch.tensor([mixture[n] for n in names], dtype=torch.float64)
+    rows_seen = torch.zeros(len(names), dtype=torch.long)
     generator = torch.Generator().manual_seed(hp.seed * 1000 + rank)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay
@@ -60,9 +81,10 @@ def train_loop(config: dict) -> None:
     tag = f"[finetune {config['name']}]"
     tokens_per_step = hp.batch_size * hp.seq_len * world
     interval_start, loss_value = time.perf_counter(), float("nan")
-    for step in range(1, hp.max_steps + 1):
-        index = torch.randint(rows.shape[0], (hp.batch_size,), generator=generator)
-        batch = rows[index].to(device=device, dtype=torch.long)
+    for step in range(1, max_steps + 1):
+        batch, counts = sample_batch(shards, probs, hp.batch_size, generator)
+        rows_seen += counts
+        batch = batch.to(device=device, dtype=torch.long)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -72,11 +94,11 @@ def train_loop(config: dict) -> None:
         loss_value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"{tag} loss is {loss_value} at step {step}; lower the lr")
-        if rank == 0 and (step % hp.log_every == 0 or step == hp.max_steps):
+        if rank == 0 and (step % hp.log_every == 0 or step == max_steps):
             done = hp.log_every if step % hp.log_every == 0 else step % hp.log_every
             rate = done * tokens_per_step / (time.perf_counter() - interval_start)
             print(
-                f"{tag} step {step}/{hp.max_steps} loss {loss_value:.4f} tokens/s {rate:.0f}",
+                f"{tag} step {step}/{max_steps} loss {loss_value:.4f} tokens/s {rate:.0f}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -87,11 +109,16 @@ def train_loop(config: dict) -> None:
     else:
         device_seconds = time.process_time() - cpu0
     device_seconds = _sum_over_workers(device_seconds, world, device)
+    tokens_by_dataset = {
+        n: int(_sum_over_workers(float(rows_seen[i]), world, device)) * hp.seq_len
+        for i, n in enumerate(names)
+    }
     metrics = {
-        "tokens": hp.max_steps * tokens_per_step,
+        "tokens": max_steps * tokens_per_step,
+        "tokens_by_dataset": tokens_by_dataset,
         "device_seconds": device_seconds,
         "final_loss": loss_value,
-        "steps": hp.max_steps,
+        "steps": max_steps,
         "workers": world,
         "device": device.type,
     }
@@ -137,7 +164,9 @@ def run_finetunes(
                 train_loop_config={
                     "name": job.name,
                     "base_dir": job.base_dir,
-                    "train_shard": job.train_shard,
+                    "train_shards": job.train_shards,
+                    "mixture": job.mixture,
+                    "max_steps": job.max_steps,
                     "finetune": asdict(hp),
                 },
                 scaling_config=ScalingConfig(

@@ -48,9 +48,10 @@ class ResidentMerge:
         vectors: Sequence[Mapping[str, torch.Tensor]],
         vector_dtype: str = "float32",
     ) -> None:
-        """`vectors` may be lazy mappings (e.g. `LazyTensors`): each tensor is read once."""
-        if not vectors:
-            raise MergeError("at least one distribution vector is needed")
+        """`vectors` may be lazy mappings (e.g. `LazyTensors`): each tensor is read once.
+
+        With no vectors the live model can still score checkpoints (`load_state`).
+        """
         self.model = model
         self.k = len(vectors)
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -86,6 +87,9 @@ class ResidentMerge:
         """Set the live model to theta_0 + sum_i w_i v_i."""
         if len(weights) != self.k:
             raise MergeError(f"{len(weights)} weights given for {self.k} vectors")
+        if self.k == 0:
+            self.live.copy_(self.base)
+            return
         self._weights.copy_(torch.tensor(list(weights), dtype=self._weights.dtype))
         if self.vectors.dtype == self.live.dtype:
             torch.addmv(self.base, self.vectors.t(), self._weights, out=self.live)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from dem_ray.vectors import check_compatible, compute_vector, save_tensors
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "finetune", "vectors", "search", "merge", "report")
+STAGES = ("prepare", "finetune", "vectors", "search", "merge", "baseline", "report")
 
 
 class PipelineError(RuntimeError):
@@ -68,6 +69,8 @@ class Pipeline:
         self.skipped: list[str] = []
         self._pool: list | None = None
         self._prepared = False
+        self._pool_vectors = False
+        self._pool_device = "cpu"
         self._pool_key: str | None = None
         self._space: Space | None = None
         self.manifest: Manifest | None = None
@@ -250,13 +253,17 @@ class Pipeline:
         )
 
     # ---- finetune ---------------------------------------------------------------------------
-    def _finetune_inputs(self, name: str) -> str:
+    def _finetune_hparams(self) -> dict:
+        """The fine-tune settings that change the result (not resources or logging)."""
         hp = dataclasses.asdict(self.cfg.finetune)
         for key in ("log_every", "torch_threads", "cpus_per_worker", "gpus_per_worker"):
             hp.pop(key)
+        return hp
+
+    def _finetune_inputs(self, name: str) -> str:
         return hash_json(
             {
-                "finetune": hp,
+                "finetune": self._finetune_hparams(),
                 "base": self.manifest.entry("base")["fingerprint"],
                 "train": self.manifest.entry(f"data/{name}")["outputs"],
             }
@@ -278,7 +285,7 @@ class Pipeline:
             FinetuneJob(
                 name,
                 str(self.base_dir),
-                str(self.shard_path(name, "train")),
+                {name: str(self.shard_path(name, "train"))},
                 str(self.finetune_dir(name)),
             )
             for name, _ in todo
@@ -330,23 +337,25 @@ class Pipeline:
             )
 
     # ---- the evaluator pool -----------------------------------------------------------------
-    def pool(self) -> list:
+    def pool(self, need_vectors: bool = True) -> list:
+        """The evaluator actors; without the vectors they can still score checkpoints."""
         from dem_ray.evaluator import start_pool
 
         ev = self.cfg.evaluator
-        key = hash_json(
-            {
-                "vectors": [self.manifest.outputs_hash(f"vectors/{n}") for n in self.names],
-                "evaluator": dataclasses.asdict(ev),
-            }
-        )
-        if self._pool is not None and self._pool_key == key:
+        have_vectors = all(self._is_recorded(f"vectors/{n}") for n in self.names)
+        if need_vectors and not have_vectors:
+            raise PipelineError("the vectors stage has not run; run `dem-ray vectors` first")
+        vectors = []
+        if have_vectors:
+            vectors = [self.manifest.outputs_hash(f"vectors/{n}") for n in self.names]
+        key = hash_json({"vectors": vectors, "evaluator": dataclasses.asdict(ev)})
+        if self._pool is not None and (self._pool_key == key or not need_vectors):
             return self._pool
         self.release_pool()
         ensure_ray(self.ray_address)
         kwargs = {
             "base_dir": str(self.base_dir),
-            "vector_paths": [str(self.vector_path(n)) for n in self.names],
+            "vector_paths": [str(self.vector_path(n)) for n in self.names] if vectors else [],
             "shard_paths": {n: str(self.shard_path(n, "validation")) for n in self.names},
             "batch_size": ev.batch_size,
             "max_sequences": ev.max_validation_sequences,
@@ -357,7 +366,13 @@ class Pipeline:
         log.info("starting %d evaluator actor(s)", ev.num_actors)
         self._pool = start_pool(ev.num_actors, kwargs, ev.cpus_per_actor, ev.gpus_per_actor)
         self._pool_key = key
+        self._pool_vectors = bool(vectors)
+        self._pool_device = ray.get(self._pool[0].info.remote())["device"]
         return self._pool
+
+    def _is_recorded(self, key: str) -> bool:
+        entry = self.manifest.entry(key)
+        return entry is not None and entry.get("status") == "done"
 
     def release_pool(self) -> None:
         if self._pool is not None:
@@ -375,8 +390,6 @@ class Pipeline:
 
     # ---- search -----------------------------------------------------------------------------
     def stage_search(self, force: bool = False) -> None:
-        from dem_ray.search import best_trial, run_search
-
         for name in self.names:
             self._require(f"vectors/{name}", "vectors")
         space_file = Path(self._space.source)
@@ -391,8 +404,14 @@ class Pipeline:
                 **self._eval_inputs(),
             }
         )
-        if not self._begin("search", inputs, force):
-            return
+        if self._begin("search", inputs, force):
+            self._search(inputs)
+        if self.cfg.search.compare_grid:
+            self._compare_grid(force)
+
+    def _search(self, inputs: str) -> None:
+        from dem_ray.search import best_trial, run_search
+
         start = time.perf_counter()
         pool = self.pool()
         out = self.run_dir / "search"
@@ -414,13 +433,43 @@ class Pipeline:
             "search",
             inputs,
             [out / "trials.jsonl", out / "best.json"],
-            cost={
-                "device_seconds": sum(t["device_seconds"] for t in trials),
-                "tokens_evaluated": sum(t["tokens_evaluated"] for t in trials),
-                "wall_seconds": time.perf_counter() - start,
-                "evaluations": len(trials),
-            },
+            cost=self._search_cost(trials, start),
         )
+
+    def _search_cost(self, trials: list[dict], start: float) -> dict:
+        return {
+            "device_seconds": sum(t["device_seconds"] for t in trials),
+            "tokens_evaluated": sum(t["tokens_evaluated"] for t in trials),
+            "wall_seconds": time.perf_counter() - start,
+            "evaluations": len(trials),
+            "device": self._pool_device,
+        }
+
+    def grid_step_for_comparison(self) -> float:
+        """The baseline's mixture-grid resolution when it has one, else search.grid_step."""
+        b = self.cfg.baseline
+        return b.grid_step if b is not None and b.grid_step else self.cfg.search.grid_step
+
+    def _compare_grid(self, force: bool) -> None:
+        """The plain coefficient grid over the same space, to compare the search against."""
+        from dem_ray.search import run_search
+
+        cfg = dataclasses.replace(
+            self.cfg.search, algorithm="grid", grid_step=self.grid_step_for_comparison()
+        )
+        space_text = Path(self._space.source).read_text()
+        inputs = hash_json({"grid": dataclasses.asdict(cfg), "space": space_text,
+                            **self._eval_inputs()})  # fmt: skip
+        if not self._begin("search_grid", inputs, force):
+            return
+        start = time.perf_counter()
+        out = self.run_dir / "search"
+        trials = run_search(cfg, self._space, self.pool(), out, self.run_dir / "ray_tune",
+                            trials_name="grid_trials.jsonl")  # fmt: skip
+        self.manifest.record(
+            "search_grid", inputs, [out / "grid_trials.jsonl"],
+            cost=self._search_cost(trials, start),
+        )  # fmt: skip
 
     def best(self) -> dict:
         self._require("search", "search")
@@ -466,6 +515,112 @@ class Pipeline:
             extra={"weights": weights},
         )
 
+    # ---- baseline ----------------------------------------------------------------------------
+    def mixture_dir(self, mixture_id: str) -> Path:
+        return self.run_dir / "baseline" / "mixtures" / mixture_id
+
+    def stage_baseline(self, force: bool = False) -> None:
+        """Train one model per mixing ratio, score each with the same evaluator pool."""
+        from dem_ray.baseline import mixture_id, mixtures, steps_per_mixture
+        from dem_ray.finetune import FinetuneJob, run_finetunes
+
+        if self.cfg.baseline is None:
+            log.info("stage baseline: no 'baseline' section in the config; nothing to do")
+            return
+        self.stage_prepare(force=False)
+        mixes = {mixture_id(m): m for m in mixtures(self.cfg.baseline, self.names)}
+        steps = steps_per_mixture(self.cfg.baseline, self.cfg.finetune, len(self.names))
+        common = {
+            "steps": steps,
+            "finetune": self._finetune_hparams(),
+            "base": self.manifest.entry("base")["fingerprint"],
+            "train": [self.manifest.entry(f"data/{n}")["outputs"] for n in self.names],
+            "validation": [self.manifest.entry(f"data/{n}")["outputs"] for n in self.names],
+            "max_validation_sequences": self.cfg.evaluator.max_validation_sequences,
+        }
+        inputs = {mid: hash_json({"mixture": mix, **common}) for mid, mix in mixes.items()}
+        todo = [mid for mid in mixes if self._begin(f"baseline/{mid}", inputs[mid], force)]
+        if todo:
+            log.info(
+                "baseline: %d of %d mixtures to train, %d steps each (%d tokens)",
+                len(todo), len(mixes), steps,
+                steps * self.cfg.finetune.batch_size * self.cfg.finetune.seq_len
+                * self.cfg.finetune.num_workers,
+            )  # fmt: skip
+            ensure_ray(self.ray_address)
+            shards = {n: str(self.shard_path(n, "train")) for n in self.names}
+            jobs = [
+                FinetuneJob(f"mixture {mid}", str(self.base_dir), shards,
+                            str(self.mixture_dir(mid)), mixture=mixes[mid], max_steps=steps)
+                for mid in todo
+            ]  # fmt: skip
+            results, errors = run_finetunes(jobs, self.cfg.finetune, self.run_dir / "ray_train")
+            pool = self.pool(need_vectors=False)
+            for mid in todo:
+                if f"mixture {mid}" in results:
+                    self._score_mixture(pool[0], mid, mixes[mid], inputs[mid],
+                                        results[f"mixture {mid}"])  # fmt: skip
+            if errors:
+                name, exc = next(iter(errors.items()))
+                raise PipelineError(f"baseline {name} failed: {exc}") from exc
+        self._keep_best_mixture(list(mixes))
+
+    def _score_mixture(self, actor, mid: str, mix: dict, inputs: str, trained: dict) -> None:
+        from dem_ray.perplexity import objective, perplexity
+
+        start = time.perf_counter()
+        result = ray.get(actor.evaluate_checkpoint.remote(str(self.mixture_dir(mid))))
+        eval_wall = time.perf_counter() - start
+        nll = {n: tuple(v) for n, v in result["nll"].items()}
+        score = objective(nll, self.cfg.search.objective)
+        (self.mixture_dir(mid) / "dem_ray_mixture.json").write_text(
+            json.dumps({"id": mid, "weights": mix, "objective": score}, indent=2)
+        )
+        log.info("baseline: mixture %s objective %.4f", mid, score)
+        self.manifest.record(
+            f"baseline/{mid}", inputs, [],
+            cost={
+                "device_seconds": trained["device_seconds"] + result["device_seconds"],
+                "train_device_seconds": trained["device_seconds"],
+                "eval_device_seconds": result["device_seconds"],
+                "tokens_trained": trained["tokens"],
+                "tokens_evaluated": result["tokens"],
+                "wall_seconds": trained["wall_seconds"] + eval_wall,
+                "train_wall_seconds": trained["wall_seconds"],
+                "eval_wall_seconds": eval_wall,
+                "device": trained["device"],
+                "eval_device": self._pool_device,
+            },
+            extra={"weights": mix, "objective": score,
+                   "ppl": {n: perplexity(*v) for n, v in nll.items()},
+                   "tokens_by_dataset": trained["tokens_by_dataset"]},
+        )  # fmt: skip
+
+    def _keep_best_mixture(self, ids: list[str]) -> None:
+        """Keep the best mixture's model as baseline/best; drop the others unless keep_all."""
+        from dem_ray.models import replace_dir
+
+        entries = {mid: self.manifest.entry(f"baseline/{mid}") for mid in ids}
+        best_id = min(ids, key=lambda mid: entries[mid]["objective"])
+        best_dir = self.run_dir / "baseline" / "best"
+        marker = best_dir / "dem_ray_mixture.json"
+        current = json.loads(marker.read_text())["id"] if marker.exists() else None
+        if current != best_id:
+            if not self.mixture_dir(best_id).exists():
+                raise PipelineError(
+                    f"the best mixture {best_id} has no saved model; run "
+                    f"`dem-ray baseline {self.cfg.source} --force` to train it again"
+                )
+            replace_dir(self.mixture_dir(best_id), best_dir)
+        if not self.cfg.baseline.keep_all:
+            shutil.rmtree(self.run_dir / "baseline" / "mixtures", ignore_errors=True)
+        inputs = hash_json({mid: entries[mid]["inputs"] for mid in ids})
+        self.manifest.record(
+            "baseline", inputs, [best_dir],
+            extra={"best": best_id, "weights": entries[best_id]["weights"], "mixtures": ids},
+        )  # fmt: skip
+        log.info("baseline: best mixture %s -> %s", best_id, best_dir)
+
     # ---- report -----------------------------------------------------------------------------
     def stage_report(self, force: bool = False) -> None:
         from dem_ray.report import build_report, write_report
@@ -476,6 +631,8 @@ class Pipeline:
                 "merge": self.manifest.outputs_hash("merge"),
                 "search": self.manifest.outputs_hash("search"),
                 "finetune": [self.manifest.outputs_hash(f"finetune/{n}") for n in self.names],
+                "cost": dataclasses.asdict(self.cfg.cost),
+                **self._comparison_inputs(),
                 **self._eval_inputs(),
             }
         )
@@ -502,12 +659,24 @@ class Pipeline:
             "device_seconds": device_seconds,
             "tokens_evaluated": tokens,
             "wall_seconds": time.perf_counter() - start,
+            "device": self._pool_device,
         }
         report = build_report(self, scores, cost)
         out = self.run_dir / "report"
-        paths = write_report(report, self.run_dir / "search" / "trials.jsonl", out)
+        paths = write_report(report, self.run_dir / "search", out)
         self.manifest.record("report", inputs, paths, cost=cost)
         log.info("report -> %s", out)
+
+    def _comparison_inputs(self) -> dict:
+        extra = {}
+        if self.cfg.baseline is not None:
+            self._require("baseline", "baseline")
+            entry = self.manifest.entry("baseline")
+            extra["baseline"] = [entry["inputs"], entry["outputs"]]
+        if self.cfg.search.compare_grid:
+            self._require("search_grid", "search")
+            extra["grid"] = self.manifest.outputs_hash("search_grid")
+        return extra
 
     def report(self) -> dict:
         return json.loads((self.run_dir / "report" / "report.json").read_text())

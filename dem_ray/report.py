@@ -1,39 +1,67 @@
-"""The run report: every model on every validation shard, the search, and what it cost."""
+"""The run report: every model on every validation shard, the searches, and what each
+side cost (DEM against the data-mixing grid when the run has a baseline)."""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
 from pathlib import Path
 
+from dem_ray import cost as costs
 from dem_ray.manifest import write_text_atomic
 from dem_ray.perplexity import objective, perplexity
+from dem_ray.vectors import tensor_index
 
-COST_KEYS = ("device_seconds", "wall_seconds", "tokens_trained", "tokens_evaluated")
+DEM_STAGES = ("finetune", "vectors", "search", "merge")
+WITHIN = (0.01, 0.001)
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Distinct parameters as stored (tied weights are saved once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(set(tensor_index(model_dir).values())):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118
+                total += math.prod(fh.get_slice(name).get_shape())
+    return total
+
+
+def read_trials(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def build_report(pipeline, scores: dict[str, dict[str, tuple[float, int]]], cost: dict) -> dict:
     """`scores`: {model label: {dataset: (nll sum, tokens)}} as measured for this report."""
-    manifest, names = pipeline.manifest, pipeline.names
-    kind = pipeline.cfg.search.objective
+    manifest, names, cfg = pipeline.manifest, pipeline.names, pipeline.cfg
+    kind = cfg.search.objective
     best = pipeline.best()
     ppl = {label: {n: perplexity(*nll[n]) for n in names} for label, nll in scores.items()}
     objectives = {label: objective(nll, kind) for label, nll in scores.items()}
+    params = count_parameters(pipeline.base_dir)
+    prices = (cfg.cost.usd_per_gpu_hour, cfg.cost.usd_per_cpu_hour)
+
+    def price(item: dict) -> dict:
+        return costs.priced(item, params, *prices)
+
     stage_cost: dict[str, dict] = {}
     for stage in ("finetune", "vectors"):
-        per = {n: manifest.entry(f"{stage}/{n}")["cost"] for n in names}
-        # Fine-tunes run concurrently: the stage's wall time is the longest one's.
-        concurrent = stage == "finetune"
-        stage_cost[stage] = {**_sum_costs(per.values(), concurrent), "per_dataset": per}
+        per = {n: price(manifest.entry(f"{stage}/{n}")["cost"]) for n in names}
+        stage_cost[stage] = {**costs.total(per.values(), stage == "finetune"), "per_dataset": per}
     for stage in ("search", "merge"):
-        stage_cost[stage] = dict(manifest.entry(stage)["cost"])
-    stage_cost["report"] = dict(cost)
-    stage_cost["total"] = _sum_costs(
-        [stage_cost[s] for s in ("finetune", "vectors", "search", "merge", "report")]
-    )
-    return {
+        stage_cost[stage] = {**price(manifest.entry(stage)["cost"]),
+                             "evaluations": manifest.entry(stage)["cost"].get("evaluations")}  # fmt: skip
+    stage_cost["report"] = price(cost)
+    dem_cost = costs.total(stage_cost[s] for s in DEM_STAGES)
+    report = {
         "run_dir": str(pipeline.run_dir),
-        "base_model": pipeline.cfg.base_model,
+        "base_model": cfg.base_model,
+        "parameters": params,
         "datasets": names,
         "best_weights": best["weights"],
         "objective": {
@@ -47,30 +75,105 @@ def build_report(pipeline, scores: dict[str, dict[str, tuple[float, int]]], cost
         "ppl": ppl,
         "objectives": objectives,
         "validation_tokens": {n: scores["base"][n][1] for n in names},
-        "cost": stage_cost,
+        "cost": {**stage_cost, "dem": dem_cost},
+        "prices": {"usd_per_gpu_hour": prices[0], "usd_per_cpu_hour": prices[1]},
         "artifacts": {
             "merged_model": str(pipeline.run_dir / "merged"),
             "trials": str(pipeline.run_dir / "search" / "trials.jsonl"),
             "finetuned": {n: str(pipeline.finetune_dir(n)) for n in names},
         },
     }
+    if cfg.baseline is not None:
+        _add_baseline(report, pipeline, price)
+    if cfg.search.compare_grid:
+        _add_search_comparison(report, pipeline)
+    report["summary"] = summary_sentence(report)
+    return report
 
 
-def _sum_costs(costs, concurrent: bool = False) -> dict:
-    """Add up costs; for concurrent runs wall time is the maximum, not the sum."""
-    total: dict[str, float] = {}
-    for cost in costs:
-        for key in COST_KEYS:
-            if key in cost:
-                if key == "wall_seconds" and concurrent:
-                    total[key] = max(total.get(key, 0), cost[key])
-                else:
-                    total[key] = total.get(key, 0) + cost[key]
-    return total
+def _add_baseline(report: dict, pipeline, price) -> None:
+    manifest = pipeline.manifest
+    summary = manifest.entry("baseline")
+    mixtures = []
+    for mid in summary["mixtures"]:
+        entry = manifest.entry(f"baseline/{mid}")
+        mixtures.append({
+            "id": mid,
+            "weights": entry["weights"],
+            "ppl": entry["ppl"],
+            "objective": entry["objective"],
+            "cost": price(entry["cost"]),
+        })  # fmt: skip
+    best = min(mixtures, key=lambda m: m["objective"])
+    # Mixtures train concurrently, then are scored one after another.
+    train_wall = max(manifest.entry(f"baseline/{m['id']}")["cost"]["train_wall_seconds"]
+                     for m in mixtures)  # fmt: skip
+    eval_wall = sum(manifest.entry(f"baseline/{m['id']}")["cost"]["eval_wall_seconds"]
+                    for m in mixtures)  # fmt: skip
+    baseline_cost = costs.total(m["cost"] for m in mixtures)
+    baseline_cost["wall_seconds"] = train_wall + eval_wall
+    report["baseline"] = {
+        "mixtures": mixtures,
+        "best": {"id": best["id"], "weights": best["weights"], "objective": best["objective"],
+                 "model": str(pipeline.run_dir / "baseline" / "best")},  # fmt: skip
+        "steps_per_mixture": manifest.entry(f"baseline/{best['id']}")["cost"]["tokens_trained"]
+        // (pipeline.cfg.finetune.batch_size * pipeline.cfg.finetune.seq_len
+            * pipeline.cfg.finetune.num_workers),
+    }  # fmt: skip
+    for m in mixtures:
+        report["ppl"][f"mixture/{m['id']}"] = m["ppl"]
+        report["objectives"][f"mixture/{m['id']}"] = m["objective"]
+    report["ppl"]["baseline/best"] = best["ppl"]
+    report["objectives"]["baseline/best"] = best["objective"]
+    report["cost"]["baseline"] = baseline_cost
+    report["cost"]["reduction"] = costs.reduction(report["cost"]["dem"], baseline_cost)
 
 
+def _add_search_comparison(report: dict, pipeline) -> None:
+    search_dir = pipeline.run_dir / "search"
+    optuna = [t["objective"] for t in read_trials(search_dir / "trials.jsonl")]
+    grid = [t["objective"] for t in read_trials(search_dir / "grid_trials.jsonl")]
+    grid_best = min(grid)
+    report["search_comparison"] = {
+        "grid_step": pipeline.grid_step_for_comparison(),
+        "grid_evaluations": len(grid),
+        "grid_best": grid_best,
+        "optuna_evaluations": len(optuna),
+        "optuna_best": min(optuna),
+        "optuna_evaluations_to_reach": {
+            f"{w:.1%}": costs.evaluations_to_reach(optuna, grid_best * (1 + w)) for w in WITHIN
+        },
+        "definition": "evaluations (in completion order) until the objective is <= "
+        "grid_best x (1 + tolerance); the objective is mean log-perplexity",
+    }
+
+
+def summary_sentence(report: dict) -> str:
+    name = report["objective"]["name"]
+    dem = report["objectives"]["dem"]
+    base = report["objectives"]["base"]
+    text = (
+        f"DEM reached {name} log-perplexity {dem:.4f} (perplexity {math.exp(dem):.2f}; "
+        f"base {base:.4f}, perplexity {math.exp(base):.2f})"
+    )
+    if "baseline" in report:
+        c, b = report["cost"], report["baseline"]["best"]
+        share = c["dem"]["device_seconds"] / c["baseline"]["device_seconds"]
+        text += (
+            f" at {share:.0%} of the data-mixing baseline's cost "
+            f"({c['dem']['device_seconds']:.0f} vs {c['baseline']['device_seconds']:.0f} "
+            f"device-seconds, ${c['dem']['usd']:.4f} vs ${c['baseline']['usd']:.4f}); "
+            f"the best of {len(report['baseline']['mixtures'])} mixtures reached "
+            f"{b['objective']:.4f}, so DEM is "
+            f"{'better' if dem < b['objective'] else 'worse'} by "
+            f"{abs(b['objective'] - dem):.4f}"
+        )
+    return text + "."
+
+
+# ---- rendering ---------------------------------------------------------------------------
 def ppl_table(report: dict) -> list[list[str]]:
-    """Rows of model, per-dataset perplexity and objective, as printed and in report.md."""
+    """Rows of model, per-dataset perplexity and objective, as printed and in the reports."""
     names = report["datasets"]
     rows = [["model", *names, f"{report['objective']['name']} log-ppl"]]
     for label, values in report["ppl"].items():
@@ -80,37 +183,73 @@ def ppl_table(report: dict) -> list[list[str]]:
     return rows
 
 
+def cost_table(report: dict) -> list[list[str]]:
+    rows = [["", "device-seconds", "wall seconds", "tokens trained", "tokens evaluated",
+             "FLOPs", "USD"]]  # fmt: skip
+    labels = [*DEM_STAGES, "dem", "baseline", "report"]
+    for label in labels:
+        c = report["cost"].get(label)
+        if c is None:
+            continue
+        rows.append([
+            {"dem": "DEM total", "baseline": "baseline total"}.get(label, label),
+            f"{c['device_seconds']:.1f}", f"{c['wall_seconds']:.1f}",
+            str(int(c["tokens_trained"])), str(int(c["tokens_evaluated"])),
+            f"{c['flops']:.3e}", f"{c['usd']:.4f}",
+        ])  # fmt: skip
+    red = report["cost"].get("reduction")
+    if red:
+        rows.append(["reduction (1 - DEM/baseline)",
+                     *(f"{red[k]:.1%}" if red[k] is not None else "n/a" for k in costs.KEYS)])  # fmt: skip
+    return rows
+
+
+def comparison_lines(report: dict) -> list[str]:
+    comp = report.get("search_comparison")
+    if not comp:
+        return []
+    lines = [
+        f"The plain coefficient grid (step {comp['grid_step']:g}) made "
+        f"{comp['grid_evaluations']} evaluations; its best objective is {comp['grid_best']:.4f}.",
+        f"The {report['algorithm']} search made {comp['optuna_evaluations']} evaluations; its "
+        f"best is {comp['optuna_best']:.4f}.",
+    ]
+    for tol, count in comp["optuna_evaluations_to_reach"].items():
+        reached = f"after {count} evaluations" if count else "not within its evaluations"
+        lines.append(f"Within {tol} of the grid's best: {reached} "
+                     f"(grid: {comp['grid_evaluations']}).")  # fmt: skip
+    return lines
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(lines)
 
 
-def render_markdown(report: dict, plot_name: str | None) -> str:
-    weights = ", ".join(f"{k} = {v:.4f}" for k, v in report["best_weights"].items())
-    base, dem = report["objectives"]["base"], report["objectives"]["dem"]
-    cost_rows = [["stage", "device-seconds", "wall seconds", "tokens trained", "tokens evaluated"]]
-    for stage in ("finetune", "vectors", "search", "merge", "report", "total"):
-        c = report["cost"][stage]
-        cost_rows.append(
-            [
-                stage,
-                f"{c.get('device_seconds', 0):.1f}",
-                f"{c.get('wall_seconds', 0):.1f}",
-                str(int(c.get("tokens_trained", 0))),
-                str(int(c.get("tokens_evaluated", 0))),
-            ]
-        )
+def html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _weights_text(report: dict) -> str:
+    return ", ".join(f"{k} = {v:.4f}" for k, v in report["best_weights"].items())
+
+
+def render_markdown(report: dict, plots: dict[str, str]) -> str:
     parts = [
         "# dem-ray report",
         "",
-        f"Base model: `{report['base_model']}`; datasets: {', '.join(report['datasets'])}.",
+        report["summary"],
+        "",
+        f"Base model: `{report['base_model']}` ({report['parameters']:,} parameters); "
+        f"datasets: {', '.join(report['datasets'])}.",
         "",
         f"Best weights ({report['algorithm']} over the {report['space']} space, "
-        f"{report['num_trials']} trials): {weights}.",
-        "",
-        f"Objective ({report['objective']['name']} mean log-perplexity, lower is better): "
-        f"base {base:.4f}, DEM {dem:.4f} (perplexity x{math.exp(dem - base):.3f}).",
+        f"{report['num_trials']} trials): {_weights_text(report)}.",
         "",
         "## Validation perplexity",
         "",
@@ -118,20 +257,71 @@ def render_markdown(report: dict, plot_name: str | None) -> str:
         "",
         "## Cost",
         "",
-        markdown_table(cost_rows),
+        markdown_table(cost_table(report)),
+        "",
+        f"Device-seconds are GPU-seconds on GPUs and CPU core-seconds on CPUs, priced at "
+        f"${report['prices']['usd_per_gpu_hour']}/GPU-hour and "
+        f"${report['prices']['usd_per_cpu_hour']}/CPU-hour. DEM's cost is its fine-tunes, "
+        "vectors, search and merge; the report's own scoring is listed apart.",
         "",
     ]
-    if plot_name:
-        parts += ["## Search", "", f"![objective per trial and best so far]({plot_name})", ""]
+    lines = comparison_lines(report)
+    if lines:
+        parts += ["## Search against the coefficient grid", "", *lines, ""]
+    for title, name in plots.items():
+        parts += [f"## {title}", "", f"![{title}]({name})", ""]
     return "\n".join(parts)
 
 
-def plot_search(trials: list[dict], path: Path) -> None:
+def render_html(report: dict, plots: dict[str, Path]) -> str:
+    images = "".join(
+        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+        f"src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+        for title, path in plots.items()
+    )
+    comparison = "".join(f"<p>{html.escape(x)}</p>" for x in comparison_lines(report))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dem-ray report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; }}
+.summary {{ font-size: 1.1rem; background: #f4f6fa; padding: .8rem 1rem; }}
+</style></head><body>
+<h1>dem-ray report</h1>
+<p class="summary" id="summary">{html.escape(report["summary"])}</p>
+<p>Base model: <code>{html.escape(report["base_model"])}</code>
+({report["parameters"]:,} parameters). Best weights ({html.escape(report["algorithm"])},
+{report["num_trials"]} trials): {html.escape(_weights_text(report))}.</p>
+<h2>Validation perplexity</h2>{html_table(ppl_table(report))}
+<h2>Cost</h2>{html_table(cost_table(report))}
+{"<h2>Search against the coefficient grid</h2>" + comparison if comparison else ""}
+{images}
+</body></html>
+"""
+
+
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, plt, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_search(trials: list[dict], path: Path) -> None:
+    plt = _figure()
     values = [t["objective"] for t in trials]
     best = [min(values[: i + 1]) for i in range(len(values))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
@@ -141,19 +331,51 @@ def plot_search(trials: list[dict], path: Path) -> None:
     ax.set_ylabel("objective (mean log-perplexity)")
     ax.set_title("Coefficient search")
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, plt, path)
 
 
-def write_report(report: dict, trials_path: Path, out_dir: Path) -> list[Path]:
+def plot_search_comparison(runs: dict[str, list[dict]], path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for label, trials in runs.items():
+        values = [t["objective"] for t in trials]
+        best = [min(values[: i + 1]) for i in range(len(values))]
+        ax.step(range(1, len(best) + 1), best, where="post", label=label)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best objective so far")
+    ax.set_title("Search against the coefficient grid")
+    ax.legend()
+    _save(fig, plt, path)
+
+
+def plot_cost(report: dict, path: Path) -> None:
+    plt = _figure()
+    c = report["cost"]
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2), dpi=110)
+    for ax, key, label in ((axes[0], "device_seconds", "device-seconds"), (axes[1], "usd", "USD")):
+        ax.bar(["DEM", "baseline"], [c["dem"][key], c["baseline"][key]],
+               color=["tab:blue", "tab:gray"])  # fmt: skip
+        ax.set_title(label)
+    fig.suptitle("Cost: DEM against the data-mixing grid")
+    _save(fig, plt, path)
+
+
+def write_report(report: dict, search_dir: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    trials = [json.loads(x) for x in trials_path.read_text().splitlines() if x.strip()]
-    plot = out_dir / "search.png"
-    plot_search(trials, plot)
-    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    plots: dict[str, Path] = {"Search": out_dir / "search.png"}
+    plot_search(read_trials(search_dir / "trials.jsonl"), plots["Search"])
+    if "search_comparison" in report:
+        plots["Search against the grid"] = out_dir / "search_compare.png"
+        plot_search_comparison(
+            {report["algorithm"]: read_trials(search_dir / "trials.jsonl"),
+             "coefficient grid": read_trials(search_dir / "grid_trials.jsonl")},
+            plots["Search against the grid"],
+        )  # fmt: skip
+    if "baseline" in report:
+        plots["Cost"] = out_dir / "cost.png"
+        plot_cost(report, plots["Cost"])
+    json_path, md_path, html_path = (out_dir / f"report.{x}" for x in ("json", "md", "html"))
     write_text_atomic(json_path, json.dumps(report, indent=2))
-    write_text_atomic(md_path, render_markdown(report, plot.name))
-    return [json_path, md_path, plot]
+    write_text_atomic(md_path, render_markdown(report, {t: p.name for t, p in plots.items()}))
+    write_text_atomic(html_path, render_html(report, plots))
+    return [json_path, md_path, html_path, *plots.values()]

@@ -107,10 +107,11 @@ def run_search(
     evaluators: list,
     out_dir: Path,
     storage_dir: Path,
+    trials_name: str = "trials.jsonl",
 ) -> list[dict]:
-    """Run the search; return the finished trials in order (also in out_dir/trials.jsonl)."""
+    """Run the search; return the finished trials in order (also in out_dir/trials_name)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    trials_path = out_dir / "trials.jsonl"
+    trials_path = out_dir / trials_name
     trials_path.unlink(missing_ok=True)
     trainable = tune.with_parameters(
         run_trial, evaluators=evaluators, space=space, objective_kind=cfg.objective

@@ -92,7 +92,7 @@ class Space:
         """Every point of the space's grid at `step` (the plain coefficient grid baseline)."""
         if self.kind == "simplex":
             n = round(1.0 / step)
-            if abs(n * step - 1.0) > 1e-9:
+            if abs(n * step - 1.0) > 1e-5:
                 raise SpaceError(f"grid_step {step} must divide 1 for the simplex")
             points = [
                 c for c in itertools.product(range(n + 1), repeat=len(self.names)) if sum(c) == n

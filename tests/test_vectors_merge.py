@@ -456,9 +456,21 @@ def test_resident_wrong_number_of_weights(bases) -> None:
         merge.apply([0.1])
 
 
-def test_resident_needs_vectors(bases) -> None:
-    with pytest.raises(MergeError, match="at least one"):
-        ResidentMerge(load(bases["gpt2"]), [])
+def test_resident_without_vectors_scores_checkpoints(bases) -> None:
+    """The baseline's evaluator holds no vectors: it only swaps whole checkpoints in."""
+    model = load(bases["gpt2"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    merge = ResidentMerge(model, [])
+    assert merge.k == 0
+    other = {k: v + 1.0 for k, v in base_state(bases["gpt2"]).items()}
+    merge.load_state(other)
+    for name, tensor in other.items():
+        assert torch.equal(model.state_dict()[name], tensor)
+    merge.apply([])  # back to the base
+    for name, param in model.named_parameters():
+        assert torch.equal(param, state[name])
+    with pytest.raises(MergeError, match="1 weights given for 0 vectors"):
+        merge.apply([1.0])
 
 
 def test_resident_vector_shape_mismatch(bases) -> None:

@@ -1,0 +1,194 @@
+"""The data-mixing grid baseline and the DEM-vs-baseline cost report, end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dem_ray.baseline import mixture_id, mixtures, steps_per_mixture
+from dem_ray.config import BaselineConfig, FinetuneConfig, parse_config
+from dem_ray.finetune import sample_batch
+from dem_ray.pipeline import Pipeline
+
+
+def test_mixture_grid_and_fair_budget():
+    grid = mixtures(BaselineConfig(grid_step=0.5), ["a", "b"])
+    assert grid == [{"a": 1.0, "b": 0.0}, {"a": 0.5, "b": 0.5}, {"a": 0.0, "b": 1.0}]
+    assert len(mixtures(BaselineConfig(grid_step=1 / 3), ["a", "b", "c"])) == 10
+    assert mixture_id({"a": 0.5, "b": 0.5}) == "a0.500-b0.500"
+    hp = FinetuneConfig(max_steps=7)
+    assert steps_per_mixture(BaselineConfig(grid_step=0.5), hp, 3) == 21
+    assert steps_per_mixture(BaselineConfig(grid_step=0.5, steps=4), hp, 3) == 4
+
+
+def test_sample_batch_follows_the_ratio():
+    shards = [torch.zeros(5, 4, dtype=torch.int32), torch.ones(7, 4, dtype=torch.int32)]
+    generator = torch.Generator().manual_seed(0)
+    rows, counts = sample_batch(shards, torch.tensor([0.25, 0.75]), 4000, generator)
+    assert rows.shape == (4000, 4)
+    assert counts.tolist() == [int((rows[:, 0] == 0).sum()), int((rows[:, 0] == 1).sum())]
+    assert counts[1] / 4000 == pytest.approx(0.75, abs=0.03)
+    only_first, counts = sample_batch(shards, torch.tensor([1.0, 0.0]), 50, generator)
+    assert counts.tolist() == [50, 0] and int(only_first.sum()) == 0
+
+
+def test_baseline_config_errors():
+    raw = {"run_dir": "r", "base_model": "b", "datasets": {"a": "x", "b": "y"}}
+    with pytest.raises(ValueError, match="exactly one of grid_step or mixtures"):
+        parse_config({**raw, "baseline": {}})
+    with pytest.raises(ValueError, match="must divide 1"):
+        parse_config({**raw, "baseline": {"grid_step": 0.3}})
+    with pytest.raises(ValueError, match=r"baseline.mixtures\[0\].c': no dataset 'c'"):
+        parse_config({**raw, "baseline": {"mixtures": [{"a": 0.5, "c": 0.5}]}})
+    config = parse_config({**raw, "baseline": {"mixtures": [{"a": 1, "b": 3}]}})
+    assert config.baseline.mixture_dicts() == [{"a": 0.25, "b": 0.75}]
+
+
+@pytest.fixture(scope="module")
+def compared(ray_session, tiny_base, tiny_data, make_config, tmp_path_factory):
+    root = tmp_path_factory.mktemp("baseline")
+    data = {n: tiny_data[n] for n in ("numbers", "letters")}
+    raw = make_config(root / "run", tiny_base, data,
+                      search={"num_trials": 5, "compare_grid": True},
+                      baseline={"grid_step": 0.5})  # fmt: skip
+    pipeline = Pipeline(parse_config(raw))
+    pipeline.run()
+    return pipeline, raw
+
+
+def test_baseline_trains_every_mixture_on_the_fair_budget(compared):
+    pipeline, raw = compared
+    report = pipeline.report()
+    mixes = report["baseline"]["mixtures"]
+    assert [m["weights"] for m in mixes] == [
+        {"numbers": 1.0, "letters": 0.0}, {"numbers": 0.5, "letters": 0.5},
+        {"numbers": 0.0, "letters": 1.0},
+    ]  # fmt: skip
+    hp = raw["finetune"]
+    tokens = 2 * hp["max_steps"] * hp["batch_size"] * hp["seq_len"]  # all DEM fine-tunes
+    for m in mixes:
+        assert m["cost"]["tokens_trained"] == tokens
+        entry = pipeline.manifest.entry(f"baseline/{m['id']}")
+        by_dataset = entry["tokens_by_dataset"]
+        assert sum(by_dataset.values()) == tokens
+        for name, ratio in m["weights"].items():
+            if ratio == 0.0:
+                assert by_dataset[name] == 0
+    dem_tokens = report["cost"]["finetune"]["tokens_trained"]
+    assert dem_tokens == tokens
+
+
+def test_best_mixture_is_kept_as_a_model(compared):
+    from transformers import AutoModelForCausalLM
+
+    pipeline, _ = compared
+    report = pipeline.report()
+    best = min(report["baseline"]["mixtures"], key=lambda m: m["objective"])
+    assert report["baseline"]["best"]["id"] == best["id"]
+    best_dir = pipeline.run_dir / "baseline" / "best"
+    AutoModelForCausalLM.from_pretrained(best_dir)
+    assert json.loads((best_dir / "dem_ray_mixture.json").read_text())["id"] == best["id"]
+    assert not (pipeline.run_dir / "baseline" / "mixtures").exists()  # only the best is kept
+    # The same evaluator and shards: the best mixture's perplexity recomputes.
+    from dem_ray.perplexity import perplexity, token_nll
+
+    model = AutoModelForCausalLM.from_pretrained(best_dir).eval()
+    limit = 16
+    for name in pipeline.names:
+        rows = load_file(pipeline.shard_path(name, "validation"))["input_ids"][:limit]
+        expected = perplexity(*token_nll(model, rows, batch_size=4))
+        assert report["ppl"]["baseline/best"][name] == pytest.approx(expected, rel=1e-4)
+
+
+def test_cost_comparison_fields_and_arithmetic(compared):
+    pipeline, _ = compared
+    report = pipeline.report()
+    cost = report["cost"]
+    keys = {"device_seconds", "wall_seconds", "tokens_trained", "tokens_evaluated", "flops", "usd"}
+    for side in ("dem", "baseline"):
+        assert keys <= set(cost[side])
+        assert cost[side]["device_seconds"] > 0
+    params = report["parameters"]
+    for side in ("dem", "baseline"):
+        c = cost[side]
+        expected = 6 * params * c["tokens_trained"] + 2 * params * c["tokens_evaluated"]
+        assert c["flops"] == pytest.approx(expected)
+        assert c["usd"] == pytest.approx(c["device_seconds"] / 3600 * 0.05)
+    for key in keys:
+        assert cost["reduction"][key] == pytest.approx(1 - cost["dem"][key] / cost["baseline"][key])
+    parts = ("finetune", "vectors", "search", "merge")
+    assert cost["dem"]["device_seconds"] == pytest.approx(
+        sum(cost[p]["device_seconds"] for p in parts)
+    )
+    assert cost["baseline"]["device_seconds"] == pytest.approx(
+        sum(m["cost"]["device_seconds"] for m in report["baseline"]["mixtures"])
+    )
+
+
+def test_search_comparison_against_the_grid(compared):
+    pipeline, _ = compared
+    comp = pipeline.report()["search_comparison"]
+    grid = [json.loads(x) for x in
+            (pipeline.run_dir / "search" / "grid_trials.jsonl").read_text().splitlines()]  # fmt: skip
+    assert comp["grid_evaluations"] == len(grid) == 3  # step 0.5 over 2 datasets
+    assert comp["grid_best"] == min(t["objective"] for t in grid)
+    optuna = [json.loads(x) for x in
+              (pipeline.run_dir / "search" / "trials.jsonl").read_text().splitlines()]  # fmt: skip
+    reach = comp["optuna_evaluations_to_reach"]["1.0%"]
+    target = comp["grid_best"] * 1.01
+    if reach is None:
+        assert all(t["objective"] > target for t in optuna)
+    else:
+        assert optuna[reach - 1]["objective"] <= target
+        assert all(t["objective"] > target for t in optuna[: reach - 1])
+
+
+def _numbers(text: str) -> set[str]:
+    return set(re.findall(r"\d+\.\d+", text))
+
+
+def test_markdown_and_html_show_the_numbers_of_the_json(compared):
+    pipeline, _ = compared
+    report = pipeline.report()
+    out = pipeline.run_dir / "report"
+    markdown = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    expected = {
+        f"{report['ppl'][label][n]:.3f}" for label in report["ppl"] for n in report["datasets"]
+    }
+    expected |= {f"{report['cost'][s]['device_seconds']:.1f}" for s in ("dem", "baseline")}
+    expected |= {f"{report['cost'][s]['usd']:.4f}" for s in ("dem", "baseline")}
+    expected.add(f"{report['cost']['reduction']['device_seconds']:.1%}".rstrip("%"))
+    for text in (markdown, page):
+        assert expected <= _numbers(text), expected - _numbers(text)
+        assert report["summary"] in text.replace("&#x27;", "'").replace("&quot;", '"')
+    assert page.count("data:image/png;base64,") == 3  # search, search vs grid, cost
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_html_renders_in_headless_chromium(compared, tmp_path):
+    pipeline, _ = compared
+    page = pipeline.run_dir / "report" / "report.html"
+    shot = tmp_path / "shot.png"
+    done = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert shot.stat().st_size > 20_000  # a real page with tables and plots, not blank
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile2'}",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert 'id="summary"' in dom.stdout and "DEM reached" in dom.stdout
