@@ -46,6 +46,7 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     torch_threads: int | None = None
+    max_concurrent: int | None = None
     log_every: int = 10
     seed: int = 0
 
@@ -268,6 +269,8 @@ def _check_ranges(c: RunConfig) -> None:
     _non_negative(f.weight_decay, s, "finetune.weight_decay")
     if f.torch_threads is not None:
         _positive(f.torch_threads, s, "finetune.torch_threads")
+    if f.max_concurrent is not None:
+        _positive(f.max_concurrent, s, "finetune.max_concurrent")
     r = c.search
     _choice(r.algorithm, ALGORITHMS, s, "search.algorithm")
     _choice(r.objective, OBJECTIVES, s, "search.objective")

@@ -132,6 +132,20 @@ def train_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
+def concurrency_that_fits(hp: FinetuneConfig) -> int:
+    """How many trainers the cluster's free resources hold now (at least one).
+
+    Ray Train gives up on a worker group that waits more than 60 s for resources, so
+    launching more trainers than fit would fail the rest; on an autoscaling cluster
+    set `finetune.max_concurrent` to what the autoscaler may add.
+    """
+    free = ray.available_resources()
+    fits = int(free.get("CPU", 0) // (hp.cpus_per_worker * hp.num_workers))
+    if hp.gpus_per_worker:
+        fits = min(fits, int(free.get("GPU", 0) // (hp.gpus_per_worker * hp.num_workers)))
+    return max(fits, 1)
+
+
 def _sum_over_workers(value: float, world: int, device: torch.device) -> float:
     if world == 1:
         return value
@@ -206,8 +220,20 @@ def run_finetunes(
         except BaseException as exc:  # noqa: BLE001 - re-raised in the driver thread below
             errors[job.name] = exc
 
-    log.info("launching %d fine-tunes concurrently: %s", len(jobs), ", ".join(j.name for j in jobs))
-    threads = [threading.Thread(target=fit, args=(job,), name=f"fit-{job.name}") for job in jobs]
+    limit = hp.max_concurrent or concurrency_that_fits(hp)
+    log.info(
+        "launching %d fine-tunes, %d at a time: %s",
+        len(jobs), min(limit, len(jobs)), ", ".join(j.name for j in jobs),
+    )  # fmt: skip
+    slots = threading.Semaphore(limit)
+
+    def fit_in_slot(job: FinetuneJob) -> None:
+        with slots:
+            fit(job)
+
+    threads = [
+        threading.Thread(target=fit_in_slot, args=(job,), name=f"fit-{job.name}") for job in jobs
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -256,7 +256,13 @@ class Pipeline:
     def _finetune_hparams(self) -> dict:
         """The fine-tune settings that change the result (not resources or logging)."""
         hp = dataclasses.asdict(self.cfg.finetune)
-        for key in ("log_every", "torch_threads", "cpus_per_worker", "gpus_per_worker"):
+        for key in (
+            "log_every",
+            "torch_threads",
+            "cpus_per_worker",
+            "gpus_per_worker",
+            "max_concurrent",
+        ):
             hp.pop(key)
         return hp
 
@@ -548,6 +554,7 @@ class Pipeline:
                 * self.cfg.finetune.num_workers,
             )  # fmt: skip
             ensure_ray(self.ray_address)
+            self.release_pool()  # its CPUs/GPUs go to the trainers; it is started again after
             shards = {n: str(self.shard_path(n, "train")) for n in self.names}
             jobs = [
                 FinetuneJob(f"mixture {mid}", str(self.base_dir), shards,
