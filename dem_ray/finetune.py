@@ -167,8 +167,8 @@ def run_finetunes(
     results: dict[str, dict] = {}
     errors: dict[str, BaseException] = {}
 
-    def fit(job: FinetuneJob) -> None:
-        start = time.perf_counter()
+    def fit(job: FinetuneJob, start: float) -> None:
+        """`start` is when the job was launched: its wall time includes waiting for a slot."""
         try:
             resources = {"CPU": hp.cpus_per_worker}
             if hp.gpus_per_worker:
@@ -228,8 +228,9 @@ def run_finetunes(
     slots = threading.Semaphore(limit)
 
     def fit_in_slot(job: FinetuneJob) -> None:
+        start = time.perf_counter()
         with slots:
-            fit(job)
+            fit(job, start)
 
     threads = [
         threading.Thread(target=fit_in_slot, args=(job,), name=f"fit-{job.name}") for job in jobs
