@@ -36,13 +36,15 @@ class Evaluator:
         vector_dtype: str = "float32",
         torch_threads: int | None = None,
         trust_remote_code: bool = False,
+        device: str | None = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        self.device = (
-            "cuda" if torch.cuda.is_available() and (gpu_ids or not ray.is_initialized()) else "cpu"
-        )
+        if device is None:  # a GPU when Ray gave this actor one (or, outside Ray, when present)
+            use_cuda = torch.cuda.is_available() and (gpu_ids or not ray.is_initialized())
+            device = "cuda" if use_cuda else "cpu"
+        self.device = device
         self.num_gpus = max(len(gpu_ids), 1) if self.device == "cuda" else 0
         self.model = load_model(Path(base_dir), self.device, trust_remote_code).eval()
         self.merge = ResidentMerge(

@@ -1,0 +1,116 @@
+"""Smoke runs of benchmarks/*.py at their smallest size: they exit 0 and print their figures.
+
+Each runs as its own subprocess, the way a user runs it. The figures themselves are
+not checked (the machine is shared and noisy); only that they are there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--size", "tiny", "--repeats", "1", "--threads", "1"]
+
+
+def run(script: str, *args: str, tmp_path: Path, check: bool = True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if check:
+        assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-4000:]}"
+    return done
+
+
+def test_candidate_throughput(tmp_path):
+    out = tmp_path / "ct.json"
+    args = [*SMALL, "--rows", "2", "--seq-len", "64", "--no-mergekit", "--merge-repeats", "3"]
+    done = run(
+        "candidate_throughput.py",
+        *args,
+        "--cache-dir",
+        str(tmp_path),
+        "--json",
+        str(out),
+        tmp_path=tmp_path,
+    )
+    for figure in (
+        "candidates/s",
+        "overhead / (a)",
+        "(0) forward alone",
+        "(a) resident, float32 vectors",
+        "(a) resident, bfloat16 vectors",
+        "(b) disk: state dict + save + load",
+        "(b') disk: dem_ray merge_to_dir + load",
+        "mergekit: unavailable (not requested",
+        "apply, bfloat16 vectors",
+        "bandwidth floor",
+    ):
+        assert figure in done.stdout, figure
+    figures = json.loads(out.read_text())
+    assert figures["methods"]["(a) resident, float32 vectors"]["candidates_per_second"] > 0
+    assert figures["merge_alone"]["float32"]["floor_seconds"] > 0
+
+
+def test_merge_bandwidth(tmp_path):
+    out = tmp_path / "mb.json"
+    done = run("merge_bandwidth.py", *SMALL, "--ks", "2,4", "--json", str(out), tmp_path=tmp_path)
+    for figure in ("apply GB/s", "copy GB/s", "apply/copy", "scratch/copy", "bfloat16", "float32"):
+        assert figure in done.stdout, figure
+    results = json.loads(out.read_text())["results"]
+    assert {(r["vector_dtype"], r["k"]) for r in results} == {
+        (d, k) for d in ("float32", "bfloat16") for k in (2, 4)
+    }
+    assert all(r["scratch_max_abs_diff"] == 0 for r in results if "scratch_max_abs_diff" in r)
+
+
+def test_vector_memory(tmp_path):
+    out = tmp_path / "vm.json"
+    done = run(
+        "vector_memory.py",
+        *SMALL,
+        "--ks",
+        "2",
+        "--cache-dir",
+        str(tmp_path),
+        "--json",
+        str(out),
+        tmp_path=tmp_path,
+    )
+    assert "peak RSS / model size" in done.stdout
+    assert "model size on disk" in done.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["ks"]) == {"2"}
+    assert figures["model_bytes"] > 0
+
+
+def test_search_efficiency(tmp_path):
+    out = tmp_path / "se.json"
+    args = ["--ks", "3", "--grid-steps", "3:0.25", "--tpe-budget", "8", "--docs", "60"]
+    args += ["--pretrain-steps", "4", "--finetune-steps", "3", "--val-rows", "2"]
+    done = run("search_efficiency.py", *SMALL, *args, "--json", str(out), tmp_path=tmp_path)
+    for figure in ("grid evals", "TPE evals (median)", "tokens/eval", "not measured: ASHA"):
+        assert figure in done.stdout, figure
+    result = json.loads(out.read_text())["results"][0]
+    assert result["grid_points"] == 15  # the simplex grid for k=3 at step 0.25
+    assert result["tokens_per_evaluation"] == 3 * 2 * 63
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+def test_cuda_refused_clearly(tmp_path):
+    done = run("merge_bandwidth.py", *SMALL, "--device", "cuda", tmp_path=tmp_path, check=False)
+    assert done.returncode != 0
+    assert "sees no CUDA device" in done.stderr
