@@ -69,7 +69,6 @@ class Pipeline:
         self.skipped: list[str] = []
         self._pool: list | None = None
         self._prepared = False
-        self._pool_vectors = False
         self._pool_device = "cpu"
         self._pool_key: str | None = None
         self._space: Space | None = None
@@ -138,8 +137,7 @@ class Pipeline:
         return True
 
     def _require(self, key: str, stage: str) -> None:
-        entry = self.manifest.entry(key)
-        if entry is None or entry.get("status") != "done":
+        if not self._is_recorded(key):
             raise PipelineError(
                 f"stage '{key}' has not run in {self.run_dir}; run `dem-ray {stage} "
                 f"{self.cfg.source}` first (or `dem-ray run {self.cfg.source}`)"
@@ -372,7 +370,6 @@ class Pipeline:
         log.info("starting %d evaluator actor(s)", ev.num_actors)
         self._pool = start_pool(ev.num_actors, kwargs, ev.cpus_per_actor, ev.gpus_per_actor)
         self._pool_key = key
-        self._pool_vectors = bool(vectors)
         self._pool_device = ray.get(self._pool[0].info.remote())["device"]
         return self._pool
 
@@ -540,8 +537,7 @@ class Pipeline:
             "steps": steps,
             "finetune": self._finetune_hparams(),
             "base": self.manifest.entry("base")["fingerprint"],
-            "train": [self.manifest.entry(f"data/{n}")["outputs"] for n in self.names],
-            "validation": [self.manifest.entry(f"data/{n}")["outputs"] for n in self.names],
+            "data": [self.manifest.entry(f"data/{n}")["outputs"] for n in self.names],
             "max_validation_sequences": self.cfg.evaluator.max_validation_sequences,
         }
         inputs = {mid: hash_json({"mixture": mix, **common}) for mid, mix in mixes.items()}

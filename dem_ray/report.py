@@ -12,6 +12,7 @@ from pathlib import Path
 from dem_ray import cost as costs
 from dem_ray.manifest import write_text_atomic
 from dem_ray.perplexity import objective, perplexity
+from dem_ray.search import read_trials
 from dem_ray.vectors import tensor_index
 
 DEM_STAGES = ("finetune", "vectors", "search", "merge")
@@ -28,12 +29,6 @@ def count_parameters(model_dir: Path) -> int:
             for name in fh.keys():  # noqa: SIM118
                 total += math.prod(fh.get_slice(name).get_shape())
     return total
-
-
-def read_trials(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def build_report(pipeline, scores: dict[str, dict[str, tuple[float, int]]], cost: dict) -> dict:
@@ -92,11 +87,13 @@ def build_report(pipeline, scores: dict[str, dict[str, tuple[float, int]]], cost
 
 
 def _add_baseline(report: dict, pipeline, price) -> None:
-    manifest = pipeline.manifest
+    from dem_ray.baseline import steps_per_mixture
+
+    cfg, manifest = pipeline.cfg, pipeline.manifest
     summary = manifest.entry("baseline")
+    entries = {mid: manifest.entry(f"baseline/{mid}") for mid in summary["mixtures"]}
     mixtures = []
-    for mid in summary["mixtures"]:
-        entry = manifest.entry(f"baseline/{mid}")
+    for mid, entry in entries.items():
         mixtures.append({
             "id": mid,
             "weights": entry["weights"],
@@ -104,22 +101,22 @@ def _add_baseline(report: dict, pipeline, price) -> None:
             "objective": entry["objective"],
             "cost": price(entry["cost"]),
         })  # fmt: skip
-    best = min(mixtures, key=lambda m: m["objective"])
+    best = next(m for m in mixtures if m["id"] == summary["best"])
     # Mixtures train concurrently, then are scored one after another.
-    train_wall = max(manifest.entry(f"baseline/{m['id']}")["cost"]["train_wall_seconds"]
-                     for m in mixtures)  # fmt: skip
-    eval_wall = sum(manifest.entry(f"baseline/{m['id']}")["cost"]["eval_wall_seconds"]
-                    for m in mixtures)  # fmt: skip
+    train_wall = max(e["cost"]["train_wall_seconds"] for e in entries.values())
+    eval_wall = sum(e["cost"]["eval_wall_seconds"] for e in entries.values())
     baseline_cost = costs.total(m["cost"] for m in mixtures)
     baseline_cost["wall_seconds"] = train_wall + eval_wall
     report["baseline"] = {
         "mixtures": mixtures,
-        "best": {"id": best["id"], "weights": best["weights"], "objective": best["objective"],
-                 "model": str(pipeline.run_dir / "baseline" / "best")},  # fmt: skip
-        "steps_per_mixture": manifest.entry(f"baseline/{best['id']}")["cost"]["tokens_trained"]
-        // (pipeline.cfg.finetune.batch_size * pipeline.cfg.finetune.seq_len
-            * pipeline.cfg.finetune.num_workers),
-    }  # fmt: skip
+        "best": {
+            "id": best["id"],
+            "weights": best["weights"],
+            "objective": best["objective"],
+            "model": str(pipeline.run_dir / "baseline" / "best"),
+        },  # fmt: skip
+        "steps_per_mixture": steps_per_mixture(cfg.baseline, cfg.finetune, len(pipeline.names)),
+    }
     for m in mixtures:
         report["ppl"][f"mixture/{m['id']}"] = m["ppl"]
         report["objectives"][f"mixture/{m['id']}"] = m["objective"]
