@@ -53,7 +53,8 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
-        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+        # "local" always starts a private instance, never one left by `ray start` on this host.
+        ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 class Pipeline:

@@ -33,6 +33,7 @@ def ray_session(tmp_path_factory):
 
     temp_dir = Path("/tmp") / f"demray-{os.getpid()}"
     ray.init(
+        address="local",  # never attach to a head that `ray start` left on this host
         num_cpus=4,
         include_dashboard=False,
         _temp_dir=str(temp_dir),
