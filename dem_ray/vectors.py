@@ -1,8 +1,8 @@
 """Distribution vectors v = theta_finetuned - theta_base, streamed tensor by tensor.
 
-Only one tensor of each model is read at a time (safetensors is memory-mapped), so
-the stage never holds two whole models; the vector itself is the one model-sized
-thing in memory. Pure torch: nothing here knows about Ray.
+Only one tensor of each model is read at a time and each vector tensor is written as
+soon as it is computed, so the stage's memory is a few tensors whatever the model
+size or the number of datasets. Pure torch: nothing here knows about Ray.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from dem_ray.safetensors_stream import SafetensorsFormatError, TensorReader, TensorWriter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,24 +69,41 @@ def check_compatible(base_dir: Path, other_dir: Path) -> dict[str, Path]:
 
 
 def compute_vector(base_dir: Path, finetuned_dir: Path, out_path: Path, dtype: str = "float32"):
-    """Write v = finetuned - base to `out_path` (safetensors), tensor by tensor."""
+    """Write v = finetuned - base to `out_path` (safetensors), tensor by tensor.
+
+    Tensors are read with plain reads and the vector is written as it is computed, so
+    the process holds a few tensors at a time, never a model (see safetensors_stream).
+    """
     base_index = tensor_index(base_dir)
     other_index = check_compatible(base_dir, finetuned_dir)
-    out: dict[str, torch.Tensor] = {}
-    with ExitStack() as stack:
-        handles: dict[Path, object] = {}
-        for name in sorted(base_index):
-            b = _handle(stack, handles, base_index[name]).get_tensor(name)
-            f = _handle(stack, handles, other_index[name]).get_tensor(name)
-            if not torch.isfinite(f).all():
-                raise VectorError(
-                    f"{finetuned_dir}: tensor '{name}' has NaN or Inf; the fine-tune diverged "
-                    "(lower finetune.learning_rate) - re-run the finetune stage"
-                )
-            out[name] = (f.to(torch.float32) - b.to(torch.float32)).to(DTYPES[dtype])
-            del b, f
+    out_dtype = DTYPES[dtype]
+    names = sorted(base_index)
     metadata = {"base": str(base_dir), "finetuned": str(finetuned_dir), "dtype": dtype}
-    save_tensors(out, Path(out_path), metadata)
+    with ExitStack() as stack:
+        readers: dict[Path, TensorReader] = {}
+
+        def reader(path: Path) -> TensorReader:
+            if path not in readers:
+                readers[path] = stack.enter_context(TensorReader(path))
+            return readers[path]
+
+        try:
+            specs = [(n, out_dtype, tuple(reader(base_index[n]).header[n]["shape"])) for n in names]
+            with TensorWriter(Path(out_path), specs, metadata) as writer:
+                for name in names:
+                    f = reader(other_index[name]).read(name)
+                    if not torch.isfinite(f).all():
+                        raise VectorError(
+                            f"{finetuned_dir}: tensor '{name}' has NaN or Inf; the fine-tune "
+                            "diverged (lower finetune.learning_rate) - re-run the finetune stage"
+                        )
+                    v = f.to(torch.float32)
+                    del f
+                    v -= reader(base_index[name]).read(name).to(torch.float32)
+                    writer.write(name, v.to(out_dtype))
+                    del v
+        except SafetensorsFormatError as exc:
+            raise VectorError(str(exc)) from exc
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):

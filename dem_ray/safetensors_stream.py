@@ -1,0 +1,175 @@
+"""Read and write safetensors one tensor at a time, with plain file reads and writes.
+
+`safe_open` memory-maps a file, and every page a process touches through a mapping
+counts in its resident memory until the mapping closes, so streaming a model through
+it still ends with the whole file resident. Plain reads into a buffer leave the page
+cache to the kernel (reclaimable, not the process's), and writing the header first
+lets a file be produced tensor by tensor. The format: an 8-byte little-endian header
+length, a JSON header of `name: {dtype, shape, data_offsets}` (offsets relative to the
+end of the header), then the tensors' bytes back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+CODES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+NAMES = {dtype: code for code, dtype in CODES.items()}
+MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsFormatError(ValueError):
+    """A file that is not a well-formed safetensors file."""
+
+
+class TensorReader:
+    """One safetensors file's header, and its tensors read on demand into fresh memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fh = self.path.open("rb")
+        try:
+            self.header, self.metadata, self._data_start = _read_header(self._fh, self.path)
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=CODES[entry["dtype"]])
+        buffer = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if end - begin != out.numel() * out.element_size():
+            raise SafetensorsFormatError(
+                f"{self.path}: tensor '{name}' has {end - begin} bytes for shape "
+                f"{entry['shape']} {entry['dtype']}; the file is damaged"
+            )
+        if buffer is not None:
+            self._fh.seek(self._data_start + begin)
+            got = self._fh.readinto(memoryview(buffer))
+            if got != end - begin:
+                raise SafetensorsFormatError(
+                    f"{self.path}: tensor '{name}' is cut short ({got} of {end - begin} bytes); "
+                    "the file is truncated"
+                )
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TensorWriter:
+    """Writes a safetensors file whose tensors are all declared up front, then given in order.
+
+    The file appears under its final name only when every declared tensor was written
+    (temp file in the same directory, fsync, rename); on any error it never appears.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._order: list[tuple[str, torch.dtype, tuple[int, ...]]] = list(specs)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for name, dtype, shape in self._order:
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {
+                "dtype": NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._prefix = struct.pack("<Q", len(raw)) + raw
+        self._next = 0
+        self._fh = None
+        self._tmp: str | None = None
+
+    def __enter__(self) -> TensorWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        self._fh = os.fdopen(fd, "wb")
+        self._fh.write(self._prefix)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, dtype, shape = self._order[self._next]
+        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"{self.path}: expected tensor '{want_name}' {dtype}{tuple(shape)} next, "
+                f"got '{name}' {tensor.dtype}{tuple(tensor.shape)}"
+            )
+        if tensor.numel():
+            self._fh.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._next != len(self._order):
+                missing = self._order[self._next][0]
+                raise ValueError(f"{self.path}: tensor '{missing}' was declared but not written")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+        finally:
+            if not self._fh.closed:
+                self._fh.close()
+            Path(self._tmp).unlink(missing_ok=True)
+
+
+def _read_header(fh, path: Path) -> tuple[dict, dict, int]:
+    raw_len = fh.read(8)
+    if len(raw_len) != 8:
+        raise SafetensorsFormatError(f"{path}: too short to be a safetensors file")
+    (length,) = struct.unpack("<Q", raw_len)
+    if length > MAX_HEADER:
+        raise SafetensorsFormatError(f"{path}: header length {length} is not plausible")
+    raw = fh.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsFormatError(f"{path}: header is not valid JSON ({exc})") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    for name, entry in header.items():
+        if entry.get("dtype") not in CODES:
+            raise SafetensorsFormatError(
+                f"{path}: tensor '{name}' has unsupported dtype {entry.get('dtype')!r}"
+            )
+    return header, metadata, 8 + length
