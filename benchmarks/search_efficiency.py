@@ -12,6 +12,12 @@ log-perplexity (dem_ray.perplexity.objective, "macro"), lower is better.
         stick-breaking parameters as dem_ray.spaces.Space.to_weights; per seed, the
         evaluations until an objective <= G x 1.01 ("within 1%") and <= G x 1.001
         ("within 0.1%"); median over seeds.
+  Tune arms: the product's own search (dem_ray.search.run_search: Ray Tune, OptunaSearch
+        TPE, one evaluator actor, one trial at a time), without and with ASHA
+        (search.scheduler: asha, validation shards scored in slices); per seed, the
+        evaluations and the validation tokens spent until a fully scored trial is within
+        1% / 0.1% of G, and the best after the whole budget. Early-stopped trials count
+        as evaluations and their tokens count as spent.
 
     python benchmarks/search_efficiency.py --size tiny
 """
@@ -177,6 +183,7 @@ def run_k(args, k: int, step: float, root: Path, device: torch.device) -> dict:
                 break
         seeds.append({"seed": seed, "evaluations": n, "reached": reached, "best": best_seen})
         log.info("k=%d TPE seed %d: %s (best %.5f; grid %.5f)", k, seed, reached, best_seen, best)
+    arms = tune_arms(args, problem, space, best) if args.tune_seeds else {}
     return {
         "k": k,
         "names": names,
@@ -194,6 +201,73 @@ def run_k(args, k: int, step: float, root: Path, device: torch.device) -> dict:
         "seconds_per_evaluation": grid_seconds / len(points),
         "tpe_budget": budget,
         "tpe": seeds,
+        "tune_arms": arms,
+    }
+
+
+def tune_arms(args, problem: dict, space, grid_best: float) -> dict:
+    """TPE through the product's Tune search, without and with ASHA, on the same problem."""
+    import ray
+
+    from dem_ray.config import SearchConfig
+    from dem_ray.evaluator import start_pool
+    from dem_ray.search import run_search
+
+    kwargs = {
+        "base_dir": problem["base"],
+        "vector_paths": problem["vectors"],
+        "shard_paths": problem["shards"],
+        "batch_size": args.batch_size,
+        "max_sequences": args.val_rows,
+        "device": None,
+    }
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    arms: dict[str, list[dict]] = {"none": [], "asha": []}
+    try:
+        pool = start_pool(1, kwargs, cpus=0.5, gpus=1.0 if args.device == "cuda" else 0.0)
+        with tempfile.TemporaryDirectory(prefix="dem-bench-tune-") as tmp:
+            for seed in range(args.tune_seeds):
+                for scheduler in arms:
+                    cfg = SearchConfig(
+                        algorithm="tpe",
+                        num_trials=args.tune_budget,
+                        max_concurrent=1,
+                        seed=seed,
+                        scheduler=scheduler,
+                        slices=args.slices,
+                        reduction_factor=args.reduction_factor,
+                    )
+                    out = Path(tmp) / f"{scheduler}-{seed}"
+                    with bc.stdout_to_stderr():
+                        trials = run_search(cfg, space, pool, out, Path(tmp) / "tune")
+                    arms[scheduler].append(arm_figures(trials, grid_best, seed))
+                    log.info("Tune TPE seed %d, scheduler %s: %s", seed, scheduler,
+                             arms[scheduler][-1])  # fmt: skip
+    finally:
+        ray.shutdown()
+    return arms
+
+
+def arm_figures(trials: list[dict], grid_best: float, seed: int) -> dict:
+    """Evaluations and tokens until a fully scored trial is within each threshold."""
+    reached: dict[str, int | None] = {label: None for label in THRESHOLDS}
+    tokens_at: dict[str, int | None] = {label: None for label in THRESHOLDS}
+    spent = 0
+    for n, trial in enumerate(trials, start=1):
+        spent += trial["tokens_evaluated"]
+        if not trial["complete"]:
+            continue
+        for label, factor in THRESHOLDS.items():
+            if reached[label] is None and trial["objective"] <= grid_best * factor:
+                reached[label], tokens_at[label] = n, spent
+    complete = [t["objective"] for t in trials if t["complete"]]
+    return {
+        "seed": seed,
+        "reached": reached,
+        "tokens_to_reach": tokens_at,
+        "tokens_total": spent,
+        "stopped_early": len(trials) - len(complete),
+        "best": min(complete) if complete else math.inf,
     }
 
 
@@ -201,6 +275,63 @@ def to_reach(result: dict, label: str) -> float:
     """Median over seeds of evaluations to reach; a seed that never did counts as inf."""
     values = [s["reached"][label] or math.inf for s in result["tpe"]]
     return bc.median(values)
+
+
+def print_tune_arms(args, results: list[dict]) -> None:
+    if not args.tune_seeds:
+        print("\nTune arms not run (--tune-seeds 0)")
+        return
+    print(
+        f"\nthe product's search (Ray Tune + OptunaSearch TPE, one trial at a time, budget "
+        f"{args.tune_budget} trials) without and with ASHA ({args.slices} validation slices, "
+        f"reduction factor {args.reduction_factor}); medians over {args.tune_seeds} seeds; "
+        "tokens = validation tokens scored until the first fully scored trial within\n"
+    )
+    rows = []
+    for r in results:
+        arms = r["tune_arms"]
+        for label in THRESHOLDS:
+            need = {
+                a: bc.median([s["reached"][label] or math.inf for s in v]) for a, v in arms.items()
+            }
+            tokens = {
+                a: bc.median([s["tokens_to_reach"][label] or math.inf for s in v])
+                for a, v in arms.items()
+            }
+            rows.append(
+                [
+                    r["k"],
+                    label,
+                    need["none"],
+                    need["asha"],
+                    tokens["none"],
+                    tokens["asha"],
+                    bc.ratio(tokens["asha"], tokens["none"]),
+                ]
+            )
+    print(
+        bc.table(
+            [
+                "k",
+                "within",
+                "evals (no ASHA)",
+                "evals (ASHA)",
+                "tokens (no ASHA)",
+                "tokens (ASHA)",
+                "ASHA/no-ASHA tokens",
+            ],
+            rows,
+        )
+    )
+    for r in results:
+        for arm, seeds in r["tune_arms"].items():
+            total = bc.median([s["tokens_total"] for s in seeds])
+            best = bc.median([s["best"] for s in seeds])
+            stopped = bc.median([s["stopped_early"] for s in seeds])
+            print(
+                f"k={r['k']} {arm:>4}: whole budget {total:.0f} tokens, {stopped:.0f} trials "
+                f"stopped early, best {best:.5f} (grid best {r['grid_best']:.5f})"
+            )
 
 
 def main() -> int:
@@ -227,6 +358,10 @@ def main() -> int:
     p.add_argument("--pretrain-steps", type=int, default=60)
     p.add_argument("--finetune-steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--tune-seeds", type=int, default=3, help="seeds of the Tune arms; 0: skip")
+    p.add_argument("--tune-budget", type=int, default=40, help="trials per Tune arm and seed")
+    p.add_argument("--slices", type=int, default=4, help="validation slices with ASHA")
+    p.add_argument("--reduction-factor", type=int, default=3, help="ASHA's reduction factor")
     args = p.parse_args()
     if args.size != "tiny":
         sys.exit("error: search_efficiency runs real evaluations on a tiny model only: --size tiny")
@@ -307,7 +442,7 @@ def main() -> int:
             f"{r['seconds_per_evaluation'] * 1e3:.1f} core-ms per evaluation\n"
             f"      TPE per seed (evaluations to reach): {per_seed}"
         )
-    print("not measured: ASHA (multi-fidelity over validation tokens is not in dem_ray yet)")
+    print_tune_arms(args, results)
     bc.write_json(
         args.json,
         {

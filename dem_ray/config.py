@@ -63,6 +63,10 @@ class SearchConfig:
     objective: str = "macro"
     grid_step: float = 0.25
     compare_grid: bool = False
+    scheduler: str = "none"
+    slices: int = 4
+    grace_slices: int = 1
+    reduction_factor: int = 3
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class EvaluatorConfig:
     max_validation_sequences: int | None = 64
     vector_dtype: str = "float32"
     torch_threads: int | None = None
+    autocast: str = "none"
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,8 @@ class RunConfig:
 
 ALGORITHMS = ("tpe", "cmaes", "gp", "random", "grid")
 OBJECTIVES = ("macro", "token_weighted")
+SCHEDULERS = ("none", "asha")
+AUTOCAST = ("none", "bfloat16", "float16")
 VECTOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -278,6 +285,22 @@ def _check_ranges(c: RunConfig) -> None:
     _positive(r.max_concurrent, s, "search.max_concurrent")
     if not 0.0 < r.grid_step <= 1.0:
         raise ConfigError(f"{s}: search.grid_step must be in (0, 1]")
+    _choice(r.scheduler, SCHEDULERS, s, "search.scheduler")
+    _positive(r.slices, s, "search.slices")
+    _positive(r.grace_slices, s, "search.grace_slices")
+    if r.scheduler == "asha":
+        if r.slices < 2:
+            raise ConfigError(
+                f"{s}: search.slices must be >= 2 with search.scheduler: asha (a trial "
+                f"reports after each validation slice), got {r.slices}"
+            )
+        if r.grace_slices >= r.slices:
+            raise ConfigError(
+                f"{s}: search.grace_slices ({r.grace_slices}) must be below search.slices "
+                f"({r.slices}), or no trial can be stopped early"
+            )
+        if r.reduction_factor < 2:
+            raise ConfigError(f"{s}: search.reduction_factor must be >= 2")
     _non_negative(c.cost.usd_per_gpu_hour, s, "cost.usd_per_gpu_hour")
     _non_negative(c.cost.usd_per_cpu_hour, s, "cost.usd_per_cpu_hour")
     e = c.evaluator
@@ -288,6 +311,7 @@ def _check_ranges(c: RunConfig) -> None:
     if e.max_validation_sequences is not None:
         _positive(e.max_validation_sequences, s, "evaluator.max_validation_sequences")
     _choice(e.vector_dtype, VECTOR_DTYPES, s, "evaluator.vector_dtype")
+    _choice(e.autocast, AUTOCAST, s, "evaluator.autocast")
     if e.torch_threads is not None:
         _positive(e.torch_threads, s, "evaluator.torch_threads")
 

@@ -37,6 +37,7 @@ class Evaluator:
         torch_threads: int | None = None,
         trust_remote_code: bool = False,
         device: str | None = None,
+        autocast: str = "none",
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -57,15 +58,31 @@ class Evaluator:
                 rows = rows[:max_sequences]
             self.shards[name] = rows.to(self.device, dtype=torch.long)
         self.batch_size = batch_size
+        # Autocast runs the forward in lower precision; the loss is still summed in float64.
+        self.autocast = None if autocast == "none" else getattr(torch, autocast)
         self.device_seconds = 0.0
         self.tokens = 0
         self.calls = 0
+        self.merges = 0
+        self._merged: tuple[float, ...] | None = None
 
-    def evaluate(self, weights: list[float]) -> dict:
-        """Merge `weights` in place and score every validation shard."""
+    def evaluate(self, weights: list[float], part: int = 0, parts: int = 1) -> dict:
+        """Merge `weights` in place (unless they are live already) and score validation.
+
+        With `parts` > 1 only rows `part::parts` of each shard are scored: one slice of
+        a multi-fidelity trial. Every slice holds rows of every dataset, so the running
+        objective over the slices seen so far estimates the full one.
+        """
+        if not 0 <= part < parts:
+            raise ValueError(f"slice {part} of {parts} does not exist")
         start = self._clock()
-        self.merge.apply(weights)
-        return self._score(start)
+        key = tuple(float(w) for w in weights)
+        if key != self._merged:
+            self._merged = None  # a failed apply must not leave stale weights marked live
+            self.merge.apply(weights)
+            self._merged = key
+            self.merges += 1
+        return self._score(start, part, parts)
 
     def evaluate_checkpoint(self, model_dir: str) -> dict:
         """Score another checkpoint of the same architecture (a specialist, the merged model)."""
@@ -74,6 +91,7 @@ class Evaluator:
         state = {}
         for path in files:
             state.update(LazyTensors(path))
+        self._merged = None
         self.merge.load_state(state)
         return self._score(start)
 
@@ -85,12 +103,14 @@ class Evaluator:
             "device_seconds": self.device_seconds,
             "tokens": self.tokens,
             "calls": self.calls,
+            "merges": self.merges,
             "validation_tokens": {n: int(r[:, 1:].numel()) for n, r in self.shards.items()},
         }
 
-    def _score(self, start: tuple[float, float]) -> dict:
+    def _score(self, start: tuple[float, float], part: int = 0, parts: int = 1) -> dict:
         nll = {
-            name: token_nll(self.model, rows, self.batch_size) for name, rows in self.shards.items()
+            name: token_nll(self.model, rows[part::parts], self.batch_size, self.autocast)
+            for name, rows in self.shards.items()
         }
         spent = self._spent(start)
         tokens = sum(n for _, n in nll.values())

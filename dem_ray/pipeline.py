@@ -366,6 +366,7 @@ class Pipeline:
             "max_sequences": ev.max_validation_sequences,
             "vector_dtype": ev.vector_dtype,
             "torch_threads": ev.torch_threads,
+            "autocast": ev.autocast,
             "trust_remote_code": self.cfg.trust_remote_code,
         }
         log.info("starting %d evaluator actor(s)", ev.num_actors)
@@ -390,6 +391,7 @@ class Pipeline:
             "validation": [self.manifest.entry(f"data/{n}")["outputs"] for n in self.names],
             "max_validation_sequences": self.cfg.evaluator.max_validation_sequences,
             "vector_dtype": self.cfg.evaluator.vector_dtype,
+            "autocast": self.cfg.evaluator.autocast,
         }
 
     # ---- search -----------------------------------------------------------------------------
@@ -459,7 +461,10 @@ class Pipeline:
         from dem_ray.search import run_search
 
         cfg = dataclasses.replace(
-            self.cfg.search, algorithm="grid", grid_step=self.grid_step_for_comparison()
+            self.cfg.search,
+            algorithm="grid",
+            grid_step=self.grid_step_for_comparison(),
+            scheduler="none",  # the reference scores every grid point on all tokens
         )
         space_text = Path(self._space.source).read_text()
         inputs = hash_json({"grid": dataclasses.asdict(cfg), "space": space_text,

@@ -12,7 +12,7 @@ from pathlib import Path
 from dem_ray import cost as costs
 from dem_ray.manifest import write_text_atomic
 from dem_ray.perplexity import objective, perplexity
-from dem_ray.search import read_trials
+from dem_ray.search import full_objective, read_trials
 from dem_ray.vectors import tensor_index
 
 DEM_STAGES = ("finetune", "vectors", "search", "merge")
@@ -128,20 +128,22 @@ def _add_baseline(report: dict, pipeline, price) -> None:
 
 def _add_search_comparison(report: dict, pipeline) -> None:
     search_dir = pipeline.run_dir / "search"
-    optuna = [t["objective"] for t in read_trials(search_dir / "trials.jsonl")]
-    grid = [t["objective"] for t in read_trials(search_dir / "grid_trials.jsonl")]
+    optuna = [full_objective(t) for t in read_trials(search_dir / "trials.jsonl")]
+    grid = [full_objective(t) for t in read_trials(search_dir / "grid_trials.jsonl")]
     grid_best = min(grid)
     report["search_comparison"] = {
         "grid_step": pipeline.grid_step_for_comparison(),
         "grid_evaluations": len(grid),
         "grid_best": grid_best,
         "optuna_evaluations": len(optuna),
+        "optuna_stopped_early": sum(not math.isfinite(v) for v in optuna),
         "optuna_best": min(optuna),
         "optuna_evaluations_to_reach": {
             f"{w:.1%}": costs.evaluations_to_reach(optuna, grid_best * (1 + w)) for w in WITHIN
         },
-        "definition": "evaluations (in completion order) until the objective is <= "
-        "grid_best x (1 + tolerance); the objective is mean log-perplexity",
+        "definition": "evaluations (in completion order, early-stopped trials included) "
+        "until a fully scored objective is <= grid_best x (1 + tolerance); the objective "
+        "is mean log-perplexity",
     }
 
 
@@ -319,10 +321,17 @@ def _save(fig, plt, path: Path) -> None:
 
 def plot_search(trials: list[dict], path: Path) -> None:
     plt = _figure()
-    values = [t["objective"] for t in trials]
+    values = [full_objective(t) for t in trials]
     best = [min(values[: i + 1]) for i in range(len(values))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    ax.scatter(range(1, len(values) + 1), values, s=14, label="trial objective")
+    done = [(i, v) for i, v in enumerate(values, start=1) if math.isfinite(v)]
+    ax.scatter([i for i, _ in done], [v for _, v in done], s=14, label="trial objective")
+    stopped = [
+        (i, t["objective"]) for i, t in enumerate(trials, start=1) if not t.get("complete", True)
+    ]
+    if stopped:
+        ax.scatter([i for i, _ in stopped], [v for _, v in stopped], s=14, marker="x",
+                   color="tab:gray", label="stopped early (estimate)")  # fmt: skip
     ax.plot(range(1, len(best) + 1), best, color="tab:red", label="best so far")
     ax.set_xlabel("trial (in order finished)")
     ax.set_ylabel("objective (mean log-perplexity)")
@@ -335,7 +344,7 @@ def plot_search_comparison(runs: dict[str, list[dict]], path: Path) -> None:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     for label, trials in runs.items():
-        values = [t["objective"] for t in trials]
+        values = [full_objective(t) for t in trials]
         best = [min(values[: i + 1]) for i in range(len(values))]
         ax.step(range(1, len(best) + 1), best, where="post", label=label)
     ax.set_xlabel("evaluations")

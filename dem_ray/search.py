@@ -42,24 +42,44 @@ def _trial_index(trial_id: str) -> int:
     return int(match.group(1)) if match else abs(hash(trial_id))
 
 
-def run_trial(config: dict, evaluators: list, space: Space, objective_kind: str) -> None:
-    """One candidate: weights -> an evaluator actor -> objective, reported to Tune."""
+def run_trial(
+    config: dict, evaluators: list, space: Space, objective_kind: str, slices: int = 1
+) -> None:
+    """One candidate: weights -> an evaluator actor -> objective, reported to Tune.
+
+    With `slices` > 1 the validation shards are scored one slice at a time and the
+    running objective is reported after each, so a scheduler (ASHA) can stop a
+    hopeless candidate after a fraction of the validation tokens.
+    """
     if "grid_point" in config:
         weights = dict(config["grid_point"])
     else:
         weights = space.to_weights(config)
     actor = evaluators[_trial_index(tune.get_context().get_trial_id()) % len(evaluators)]
-    result = ray.get(actor.evaluate.remote([weights[n] for n in space.names]))
-    nll = {name: tuple(v) for name, v in result["nll"].items()}
-    tune.report(
-        {
-            "objective": objective(nll, objective_kind),
-            "weights": weights,
-            "ppl": {name: perplexity(s, n) for name, (s, n) in nll.items()},
-            "device_seconds": result["device_seconds"],
-            "tokens_evaluated": result["tokens"],
-        }
-    )
+    vector = [weights[n] for n in space.names]
+    sums: dict[str, list[float]] = {}
+    seconds = 0.0
+    tokens = 0
+    for part in range(slices):
+        result = ray.get(actor.evaluate.remote(vector, part, slices))
+        for name, (nll, count) in result["nll"].items():
+            total = sums.setdefault(name, [0.0, 0])
+            total[0] += nll
+            total[1] += count
+        seconds += result["device_seconds"]
+        tokens += result["tokens"]
+        nll = {name: (v[0], int(v[1])) for name, v in sums.items()}
+        tune.report(
+            {
+                "objective": objective(nll, objective_kind),
+                "weights": weights,
+                "ppl": {name: perplexity(s, n) for name, (s, n) in nll.items()},
+                "device_seconds": seconds,
+                "tokens_evaluated": tokens,
+                "slices_done": part + 1,
+                "complete": part + 1 == slices,
+            }
+        )
 
 
 class TrialRecorder(tune.Callback):
@@ -83,21 +103,31 @@ class TrialRecorder(tune.Callback):
             "ppl": result["ppl"],
             "device_seconds": result["device_seconds"],
             "tokens_evaluated": result["tokens_evaluated"],
+            "slices_done": result.get("slices_done", 1),
+            "complete": result.get("complete", True),
         }
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
         self.done += 1
-        if self.best is None or record["objective"] < self.best["objective"]:
+        if record["complete"] and (
+            self.best is None or record["objective"] < self.best["objective"]
+        ):
             self.best = record
-        weights = ", ".join(f"{k}={v:.3f}" for k, v in self.best["weights"].items())
+        what = (
+            "objective" if record["complete"] else f"stopped after slice {record['slices_done']}:"
+        )
+        best = "none yet"
+        if self.best is not None:
+            weights = ", ".join(f"{k}={v:.3f}" for k, v in self.best["weights"].items())
+            best = f"{self.best['objective']:.4f} ({weights})"
         log.info(
-            "search: trial %d/%d objective %.4f; best %.4f (%s)",
+            "search: trial %d/%d %s %.4f; best %s",
             self.done,
             self.total,
+            what,
             record["objective"],
-            self.best["objective"],
-            weights,
+            best,
         )
 
 
@@ -113,8 +143,13 @@ def run_search(
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
     trials_path.unlink(missing_ok=True)
+    slices = cfg.slices if cfg.scheduler == "asha" else 1
     trainable = tune.with_parameters(
-        run_trial, evaluators=evaluators, space=space, objective_kind=cfg.objective
+        run_trial,
+        evaluators=evaluators,
+        space=space,
+        objective_kind=cfg.objective,
+        slices=slices,
     )
     trainable = tune.with_resources(trainable, {"cpu": 0.01})
     if cfg.algorithm == "grid":
@@ -122,13 +157,7 @@ def run_search(
         total = len(points)
         log.info("search: the plain coefficient grid, %d points at step %g", total, cfg.grid_step)
         param_space = {"grid_point": tune.grid_search(points)}
-        tune_config = tune.TuneConfig(
-            metric="objective",
-            mode="min",
-            num_samples=1,
-            max_concurrent_trials=cfg.max_concurrent,
-            reuse_actors=True,
-        )
+        tune_config = dict(num_samples=1, max_concurrent_trials=cfg.max_concurrent)
     else:
         from ray.tune.search.optuna import OptunaSearch
 
@@ -144,19 +173,33 @@ def run_search(
             p: tune.uniform(lo, hi)
             for p, (lo, hi) in zip(space.param_names, space.param_bounds(), strict=True)
         }
-        searcher = OptunaSearch(
-            sampler=make_sampler(cfg.algorithm, cfg.seed), metric="objective", mode="min"
-        )
-        tune_config = tune.TuneConfig(
+        searcher = OptunaSearch(sampler=make_sampler(cfg.algorithm, cfg.seed))
+        tune_config = dict(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
             num_samples=total,
-            reuse_actors=True,
+        )
+    if cfg.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        log.info(
+            "search: ASHA over %d validation slices (grace %d, reduction factor %d)",
+            slices,
+            cfg.grace_slices,
+            cfg.reduction_factor,
+        )
+        tune_config["scheduler"] = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=slices,
+            grace_period=cfg.grace_slices,
+            reduction_factor=cfg.reduction_factor,
         )
     recorder = TrialRecorder(trials_path, total)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune_config,
+        tune_config=tune.TuneConfig(
+            metric="objective", mode="min", reuse_actors=True, **tune_config
+        ),
         run_config=tune.RunConfig(
             name=f"search-{time.time_ns()}",
             storage_path=str(storage_dir),
@@ -180,8 +223,14 @@ def read_trials(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def full_objective(trial: dict) -> float:
+    """The objective of a trial scored on every validation slice; inf for an early stop."""
+    return trial["objective"] if trial.get("complete", True) else math.inf
+
+
 def best_trial(trials: list[dict]) -> dict:
-    finite = [t for t in trials if math.isfinite(t["objective"])]
+    """The best trial scored on all validation tokens (early-stopped ones are estimates)."""
+    finite = [t for t in trials if t.get("complete", True) and math.isfinite(t["objective"])]
     if not finite:
-        raise RuntimeError("no search trial produced a finite objective")
+        raise RuntimeError("no search trial scored all validation slices with a finite objective")
     return min(finite, key=lambda t: t["objective"])

@@ -100,13 +100,18 @@ def test_vector_memory(tmp_path):
 def test_search_efficiency(tmp_path):
     out = tmp_path / "se.json"
     args = ["--ks", "3", "--grid-steps", "3:0.25", "--tpe-budget", "8", "--docs", "60"]
-    args += ["--pretrain-steps", "4", "--finetune-steps", "3", "--val-rows", "2"]
+    args += ["--pretrain-steps", "4", "--finetune-steps", "3", "--val-rows", "4"]
+    args += ["--tune-seeds", "1", "--tune-budget", "6", "--slices", "2"]
     done = run("search_efficiency.py", *SMALL, *args, "--json", str(out), tmp_path=tmp_path)
-    for figure in ("grid evals", "TPE evals (median)", "tokens/eval", "not measured: ASHA"):
+    for figure in ("grid evals", "TPE evals (median)", "tokens/eval", "tokens (ASHA)"):
         assert figure in done.stdout, figure
     result = json.loads(out.read_text())["results"][0]
     assert result["grid_points"] == 15  # the simplex grid for k=3 at step 0.25
-    assert result["tokens_per_evaluation"] == 3 * 2 * 63
+    assert result["tokens_per_evaluation"] == 3 * 4 * 63
+    for arm in ("none", "asha"):
+        (seed,) = result["tune_arms"][arm]
+        assert seed["tokens_total"] <= 6 * 3 * 4 * 63
+    assert result["tune_arms"]["none"][0]["tokens_total"] == 6 * 3 * 4 * 63
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")

@@ -251,12 +251,42 @@ def test_learning_rate_in_plain_exponent_notation(tmp_path: Path) -> None:
         ("evaluator", "vector_dtype", "int8", "'evaluator.vector_dtype' is 'int8'"),
         ("evaluator", "num_actors", 0, "'evaluator.num_actors' must be > 0"),
         ("evaluator", "max_validation_sequences", 0, "max_validation_sequences' must be > 0"),
+        ("evaluator", "autocast", "int8", "'evaluator.autocast' is 'int8'; choose one of"),
+        ("search", "scheduler", "hyperband", "'search.scheduler' is 'hyperband'; choose one of"),
+        ("search", "slices", 0, "'search.slices' must be > 0"),
     ],
 )
 def test_out_of_range(tmp_path: Path, section, key, value, fragment) -> None:
     raw = minimal()
     raw[section] = {key: value}
     assert fragment in error_of(tmp_path, raw)
+
+
+@pytest.mark.parametrize(
+    ("search", "fragment"),
+    [
+        ({"scheduler": "asha", "slices": 1}, "search.slices must be >= 2 with search.scheduler"),
+        ({"scheduler": "asha", "slices": 3, "grace_slices": 3}, "grace_slices (3) must be below"),
+        ({"scheduler": "asha", "reduction_factor": 1}, "search.reduction_factor must be >= 2"),
+    ],
+)
+def test_asha_settings_that_cannot_stop_anything(tmp_path: Path, search, fragment) -> None:
+    raw = minimal()
+    raw["search"] = search
+    assert fragment in error_of(tmp_path, raw)
+
+
+def test_asha_settings_accepted(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["search"] = {"scheduler": "asha", "slices": 5, "grace_slices": 2}
+    raw["evaluator"] = {"autocast": "bfloat16"}
+    config = load_config(write(tmp_path, yaml.safe_dump(raw)))
+    assert (config.search.scheduler, config.search.slices, config.search.grace_slices) == (
+        "asha",
+        5,
+        2,
+    )
+    assert config.evaluator.autocast == "bfloat16"
 
 
 def test_choice_error_lists_options(tmp_path: Path) -> None:
