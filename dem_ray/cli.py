@@ -140,7 +140,8 @@ def _corpora(args) -> int:
 
     if args.corpora_command == "list":
         for name, info in corpora.CORPORA.items():
-            print(f"{name}: {info}")
+            needs = f" (needs: {info.install})" if info.install else ""
+            print(f"{name:<11} {info.description}{needs}")
         return 0
     try:
         paths = corpora.build(

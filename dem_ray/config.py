@@ -67,6 +67,7 @@ class SearchConfig:
     slices: int = 4
     grace_slices: int = 1
     reduction_factor: int = 3
+    warm_start: int = 8
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,7 @@ def _check_ranges(c: RunConfig) -> None:
     _positive(r.max_concurrent, s, "search.max_concurrent")
     if not 0.0 < r.grid_step <= 1.0:
         raise ConfigError(f"{s}: search.grid_step must be in (0, 1]")
+    _non_negative(r.warm_start, s, "search.warm_start")
     _choice(r.scheduler, SCHEDULERS, s, "search.scheduler")
     _positive(r.slices, s, "search.slices")
     _positive(r.grace_slices, s, "search.grace_slices")

@@ -410,18 +410,23 @@ class Pipeline:
                 **self._eval_inputs(),
             }
         )
+        earlier = self.manifest.entry("search")
         if self._begin("search", inputs, force):
-            self._search(inputs)
+            changed = earlier is not None and earlier.get("inputs") != inputs
+            self._search(inputs, earlier if changed else None)
         if self.cfg.search.compare_grid:
             self._compare_grid(force)
 
-    def _search(self, inputs: str) -> None:
+    def _search(self, inputs: str, earlier: dict | None) -> None:
         from dem_ray.search import best_trial, run_search
 
         start = time.perf_counter()
         pool = self.pool()
         out = self.run_dir / "search"
-        trials = run_search(self.cfg.search, self._space, pool, out, self.run_dir / "ray_tune")
+        points, update = self._warm_start(earlier, out)
+        trials = run_search(
+            self.cfg.search, self._space, pool, out, self.run_dir / "ray_tune", warm_start=points
+        )
         best = best_trial(trials)
         best_record = {
             "weights": best["weights"],
@@ -431,6 +436,7 @@ class Pipeline:
             "num_trials": len(trials),
             "algorithm": self.cfg.search.algorithm,
             "space": self._space.kind,
+            "update": update,
         }
         write_text_atomic(out / "best.json", json.dumps(best_record, indent=2))
         weights = ", ".join(f"{k}={v:.4f}" for k, v in best["weights"].items())
@@ -440,7 +446,43 @@ class Pipeline:
             inputs,
             [out / "trials.jsonl", out / "best.json"],
             cost=self._search_cost(trials, start),
+            extra={"vectors": self._vector_hashes()},
         )
+
+    def _vector_hashes(self) -> dict[str, str]:
+        return {n: self.manifest.outputs_hash(f"vectors/{n}") for n in self.names}
+
+    def _warm_start(self, earlier: dict | None, out: Path) -> tuple[list[dict], dict | None]:
+        """After datasets were added or changed: the earlier search's best candidates first.
+
+        Also says which datasets' vectors are new since that search, for the report's
+        cost of the update. (None, None) on a first search or a forced re-run.
+        """
+        from dem_ray.search import read_trials, warm_start_points
+
+        if earlier is None:
+            return [], None
+        before = earlier.get("vectors", {})
+        updated = [
+            n for n in self.names if before.get(n) != self.manifest.outputs_hash(f"vectors/{n}")
+        ]
+        points: list[dict] = []
+        new: list[str] = []
+        if self.cfg.search.algorithm != "grid":
+            earlier_trials = read_trials(out / "trials.jsonl")
+            points, new = warm_start_points(earlier_trials, self._space, self.cfg.search.warm_start)
+            if earlier_trials and not points and self.cfg.search.warm_start:
+                log.info(
+                    "search: earlier trials not reusable here (a dataset removed?); cold start"
+                )
+            if points:
+                log.info(
+                    "search: warm start from %d of %d earlier trials (new datasets: %s)",
+                    len(points),
+                    len(earlier_trials),
+                    ", ".join(new) or "none",
+                )
+        return points, {"updated": updated, "new": new, "warm_start_points": len(points)}
 
     def _search_cost(self, trials: list[dict], start: float) -> dict:
         return {

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 from dem_ray import cost as costs
+from dem_ray.baseline import mixtures
+from dem_ray.config import BaselineConfig
 from dem_ray.manifest import write_text_atomic
 from dem_ray.perplexity import objective, perplexity
 from dem_ray.search import full_objective, read_trials
@@ -82,6 +84,8 @@ def build_report(pipeline, scores: dict[str, dict[str, tuple[float, int]]], cost
         _add_baseline(report, pipeline, price)
     if cfg.search.compare_grid:
         _add_search_comparison(report, pipeline)
+    if best.get("update") and best["update"]["updated"]:
+        _add_update(report, pipeline, best["update"])
     report["summary"] = summary_sentence(report)
     return report
 
@@ -124,6 +128,75 @@ def _add_baseline(report: dict, pipeline, price) -> None:
     report["objectives"]["baseline/best"] = best["objective"]
     report["cost"]["baseline"] = baseline_cost
     report["cost"]["reduction"] = costs.reduction(report["cost"]["dem"], baseline_cost)
+
+
+def _add_update(report: dict, pipeline, update: dict) -> None:
+    """The cost of the last update (new or changed datasets only) against doing it all again.
+
+    Re-running everything = every fine-tune and vector again plus this search and merge.
+    The data-mixing grid with today's datasets is estimated from the measured cost of a
+    fine-tuning step: its mixtures x steps per mixture x device-seconds per step.
+    """
+    from dem_ray.baseline import steps_per_mixture
+
+    cfg, names, c = pipeline.cfg, pipeline.names, report["cost"]
+    updated = update["updated"]
+
+    def stages(which: list[str]) -> list[dict]:
+        return [c[s]["per_dataset"][n] for s in ("finetune", "vectors") for n in which]
+
+    tail = [c["search"], c["merge"]]
+    this_update = costs.total([*stages(updated), *tail])
+    everything = costs.total([*stages(names), *tail])
+    per_step = {
+        k: sum(c["finetune"]["per_dataset"][n][k] for n in names)
+        / (cfg.finetune.max_steps * len(names))
+        for k in costs.KEYS
+    }
+    baseline_cfg = cfg.baseline or BaselineConfig(grid_step=pipeline.grid_step_for_comparison())
+    count = len(mixtures(baseline_cfg, names))
+    steps = steps_per_mixture(baseline_cfg, cfg.finetune, len(names))
+    grid = {k: v * count * steps for k, v in per_step.items()}
+    report["update"] = {
+        "updated": updated,
+        "new": update["new"],
+        "reused": [n for n in names if n not in updated],
+        "warm_start_points": update["warm_start_points"],
+        "cost": this_update,
+        "rerun_everything": everything,
+        "baseline_grid_estimate": {**grid, "mixtures": count, "steps_per_mixture": steps},
+        "fraction_of_rerun": _fraction(this_update, everything),
+        "fraction_of_baseline_grid": _fraction(this_update, grid),
+    }
+
+
+def _fraction(part: dict, whole: dict) -> dict:
+    return {k: part[k] / whole[k] if whole[k] else None for k in costs.KEYS}
+
+
+def update_lines(report: dict) -> list[str]:
+    u = report.get("update")
+    if not u:
+        return []
+    g = u["baseline_grid_estimate"]
+    frac = u["fraction_of_rerun"]["device_seconds"]
+    frac_grid = u["fraction_of_baseline_grid"]["device_seconds"]
+    return [
+        f"This update fine-tuned only {', '.join(u['updated'])} (new: {', '.join(u['new']) or 'none'}) "
+        f"and reused the vectors of {', '.join(u['reused']) or 'no dataset'}; the search began by "
+        f"re-scoring {u['warm_start_points']} of the earlier search's best candidates.",
+        f"It cost {u['cost']['device_seconds']:.1f} device-seconds (${u['cost']['usd']:.4f}): "
+        f"{frac:.0%} of re-running every fine-tune, vector, the search and the merge "
+        f"({u['rerun_everything']['device_seconds']:.1f} device-seconds)"
+        + (
+            f", and {frac_grid:.1%} of an estimated data-mixing grid over today's "
+            f"{len(report['datasets'])} datasets ({g['mixtures']} mixtures x "
+            f"{g['steps_per_mixture']} steps, {g['device_seconds']:.1f} device-seconds at the "
+            "fine-tunes' measured cost per step)."
+            if frac_grid is not None
+            else "."
+        ),
+    ]
 
 
 def _add_search_comparison(report: dict, pipeline) -> None:
@@ -267,6 +340,9 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     lines = comparison_lines(report)
     if lines:
         parts += ["## Search against the coefficient grid", "", *lines, ""]
+    lines = update_lines(report)
+    if lines:
+        parts += ["## Cost of the last update", "", *lines, ""]
     for title, name in plots.items():
         parts += [f"## {title}", "", f"![{title}]({name})", ""]
     return "\n".join(parts)
@@ -279,6 +355,7 @@ def render_html(report: dict, plots: dict[str, Path]) -> str:
         for title, path in plots.items()
     )
     comparison = "".join(f"<p>{html.escape(x)}</p>" for x in comparison_lines(report))
+    update = "".join(f"<p>{html.escape(x)}</p>" for x in update_lines(report))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dem-ray report</title>
 <style>
@@ -297,6 +374,7 @@ img {{ max-width: 100%; }}
 <h2>Validation perplexity</h2>{html_table(ppl_table(report))}
 <h2>Cost</h2>{html_table(cost_table(report))}
 {"<h2>Search against the coefficient grid</h2>" + comparison if comparison else ""}
+{"<h2>Cost of the last update</h2>" + update if update else ""}
 {images}
 </body></html>
 """

@@ -138,8 +138,13 @@ def run_search(
     out_dir: Path,
     storage_dir: Path,
     trials_name: str = "trials.jsonl",
+    warm_start: list[dict[str, float]] | None = None,
 ) -> list[dict]:
-    """Run the search; return the finished trials in order (also in out_dir/trials_name)."""
+    """Run the search; return the finished trials in order (also in out_dir/trials_name).
+
+    `warm_start`: weights the sampler evaluates first (they count as trials), e.g. the
+    best candidates of an earlier search before a dataset was added.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
     trials_path.unlink(missing_ok=True)
@@ -173,7 +178,12 @@ def run_search(
             p: tune.uniform(lo, hi)
             for p, (lo, hi) in zip(space.param_names, space.param_bounds(), strict=True)
         }
-        searcher = OptunaSearch(sampler=make_sampler(cfg.algorithm, cfg.seed))
+        points = [space.to_params(w) for w in (warm_start or [])][:total]
+        if points:
+            log.info("search: the first %d trials re-score earlier candidates", len(points))
+        searcher = OptunaSearch(
+            sampler=make_sampler(cfg.algorithm, cfg.seed), points_to_evaluate=points or None
+        )
         tune_config = dict(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
             num_samples=total,
@@ -221,6 +231,35 @@ def read_trials(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def warm_start_points(
+    earlier: list[dict], space: Space, limit: int
+) -> tuple[list[dict[str, float]], list[str]]:
+    """The best `limit` fully scored earlier candidates, as weights over `space`'s datasets.
+
+    Datasets new since then get weight 0, so each point is the earlier composite
+    itself, re-scored on today's validation shards. Returns (points, new datasets);
+    no points when a dataset was removed or a point falls outside the space.
+    """
+    scored = sorted(
+        (t for t in earlier if math.isfinite(full_objective(t))), key=lambda t: t["objective"]
+    )
+    if not scored or limit <= 0:
+        return [], []
+    before = set(scored[0]["weights"])
+    if not before <= set(space.names):
+        return [], []
+    points = []
+    for trial in scored[:limit]:
+        weights = {n: float(trial["weights"].get(n, 0.0)) for n in space.names}
+        try:
+            space.check(weights)
+        except ValueError:
+            continue
+        if weights not in points:
+            points.append(weights)
+    return points, [n for n in space.names if n not in before]
 
 
 def full_objective(trial: dict) -> float:

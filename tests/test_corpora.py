@@ -264,3 +264,13 @@ def test_build_fails_before_writing_when_a_corpus_is_unavailable(
     with pytest.raises(ValueError):
         build(["code"], tmp_path / "out", validation_fraction=1.5)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_list_prints_one_readable_line_per_corpus(capsys: pytest.CaptureFixture) -> None:
+    from dem_ray.cli import main
+
+    assert main(["corpora", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(CORPORA)
+    assert all("CorpusInfo" not in line for line in lines)
+    assert any("(needs: pip install seinfeld-laugh-corpus)" in line for line in lines)

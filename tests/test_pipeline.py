@@ -255,3 +255,44 @@ def test_best_trial_ignores_early_stopped_estimates():
     assert best_trial(trials)["objective"] == 2.0
     with pytest.raises(RuntimeError, match="all validation slices"):
         best_trial(trials[:1])
+
+
+def test_adding_a_dataset_fine_tunes_only_it_and_warm_starts_the_search(
+    ray_session, tiny_base, tiny_data, make_config, tmp_path
+):
+    from dem_ray.search import read_trials
+
+    two = {n: tiny_data[n] for n in ("numbers", "letters")}
+    search = {"num_trials": 5, "warm_start": 3}
+    first = Pipeline(parse_config(make_config(tmp_path / "run", tiny_base, two, search=search)))
+    first.run()
+    earlier = read_trials(first.run_dir / "search" / "trials.jsonl")
+    expected = sorted(earlier, key=lambda t: t["objective"])[:3]
+
+    raw = make_config(tmp_path / "run", tiny_base, tiny_data, search=search)
+    second = Pipeline(parse_config(raw))
+    second.run()
+    assert second.ran == ["data/code", "finetune/code", "vectors/code", "search", "merge", "report"]
+    trials = read_trials(second.run_dir / "search" / "trials.jsonl")
+    assert len(trials) == 5
+    rescored = [{**t["weights"], "code": 0.0} for t in expected]
+    seen = [t["weights"] for t in trials]
+    for weights in rescored:  # each earlier best composite was evaluated again, as it was
+        assert any(all(abs(w[n] - weights[n]) < 1e-9 for n in weights) for w in seen), weights
+    report = second.report()
+    update = report["update"]
+    assert update["updated"] == ["code"] and update["new"] == ["code"]
+    assert update["reused"] == ["numbers", "letters"] and update["warm_start_points"] == 3
+    per = report["cost"]["finetune"]["per_dataset"]
+    assert update["cost"]["tokens_trained"] == per["code"]["tokens_trained"]
+    assert update["rerun_everything"]["tokens_trained"] == sum(
+        p["tokens_trained"] for p in per.values()
+    )
+    # No baseline configured: the grid at search.grid_step 0.25 over 3 datasets, 15 mixtures
+    # of 3 x 12 steps, each step costing what a fine-tuning step cost.
+    grid = update["baseline_grid_estimate"]
+    assert (grid["mixtures"], grid["steps_per_mixture"]) == (15, 36)
+    assert grid["tokens_trained"] == pytest.approx(15 * 36 * 8 * 32)
+    assert 0 < update["fraction_of_rerun"]["device_seconds"] < 1
+    markdown = (second.run_dir / "report" / "report.md").read_text()
+    assert "## Cost of the last update" in markdown and "fine-tuned only code" in markdown
