@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from dem_ray.config import BaseModelSpec
+
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package://"
@@ -52,37 +54,68 @@ def resolve_package_path(spec: str) -> Path:
     return path
 
 
-def base_kind(spec: str) -> str:
-    """'gguf', 'dir' or 'hub': how a base_model string is to be loaded."""
-    if spec.startswith(PACKAGE_PREFIX):
-        spec = str(resolve_package_path(spec))
-    if spec.endswith(".gguf"):
+def as_base_spec(spec: str | BaseModelSpec) -> BaseModelSpec:
+    """Accept the config's BaseModelSpec or a plain string (as the CLI and benchmarks pass)."""
+    return spec if isinstance(spec, BaseModelSpec) else BaseModelSpec(spec)
+
+
+def base_path(spec: str | BaseModelSpec) -> Path:
+    """The local path a base_model names, with `package://` resolved to the installed file."""
+    location = as_base_spec(spec).location
+    if location.startswith(PACKAGE_PREFIX):
+        return resolve_package_path(location)
+    return Path(location).expanduser()
+
+
+def base_kind(spec: str | BaseModelSpec) -> str:
+    """'gguf', 'dir' or 'hub': how a base_model is to be loaded.
+
+    A declared kind (`{gguf: PATH}` in the config) is taken as said, after checking that
+    the path is there; a plain string is judged by its form, as it always was.
+    """
+    spec = as_base_spec(spec)
+    if spec.kind == "hub":
+        return "hub"
+    if spec.kind is not None:
+        path = base_path(spec)
+        exists = path.is_file() if spec.kind == "gguf" else path.is_dir()
+        if not exists:
+            what = "file" if spec.kind == "gguf" else "directory"
+            raise ModelError(
+                f"base_model.{spec.kind} '{spec.location}': no such {what} ({path}); "
+                f"fix the path in the config"
+            )
+        return spec.kind
+    location = str(base_path(spec))
+    if location.endswith(".gguf"):
         return "gguf"
-    if Path(spec).exists():
+    if Path(location).exists():
         return "dir"
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelError(f"base_model '{spec}': no such file or directory")
+    if location.startswith((".", "/", "~")) or location.count("/") > 1:
+        raise ModelError(f"base_model '{spec.location}': no such file or directory")
     return "hub"
 
 
-def materialize_base(spec: str, out_dir: Path, trust_remote_code: bool = False) -> Path:
+def materialize_base(
+    spec: str | BaseModelSpec, out_dir: Path, trust_remote_code: bool = False
+) -> Path:
     """A local HF dir with safetensors weights and a tokenizer for the base model."""
     kind = base_kind(spec)
     if kind == "gguf":
-        path = resolve_package_path(spec) if spec.startswith(PACKAGE_PREFIX) else Path(spec)
-        gguf_to_hf_dir(path, out_dir)
+        gguf_to_hf_dir(base_path(spec), out_dir)
         return out_dir
     if kind == "hub":
         from huggingface_hub import snapshot_download
 
-        log.info("fetching %s from the Hugging Face Hub", spec)
+        hub_id = as_base_spec(spec).location
+        log.info("fetching %s from the Hugging Face Hub", hub_id)
         local = Path(
             snapshot_download(
-                spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+                hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
             )
         )
     else:
-        local = Path(spec)
+        local = base_path(spec)
     check_model_dir(local, role="base model")
     return local
 
