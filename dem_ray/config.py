@@ -105,12 +105,31 @@ class CostConfig:
     usd_per_cpu_hour: float = 0.05
 
 
+BASE_KINDS = ("gguf", "dir", "hub")
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """Where the base model comes from, and how to load it.
+
+    `kind` is None for a plain string, whose form decides (a `.gguf` suffix, an existing
+    path, else a Hub id); a mapping such as `{gguf: PATH}` names the kind outright, so a
+    GGUF file without the suffix loads too. Every later step reads this one shape.
+    """
+
+    location: str
+    kind: str | None = None
+
+    def __str__(self) -> str:
+        return self.location
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A whole DEM run; `source` is the file it came from (for error messages)."""
 
     run_dir: str
-    base_model: str
+    base_model: BaseModelSpec
     datasets: dict[str, DatasetConfig]
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -176,7 +195,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
         if raw.get(key) in (None, "", {}):
             raise ConfigError(f"{source}: missing required key '{key}'")
     run_dir = _typed(raw["run_dir"], str, source, "run_dir")
-    base_model = _typed(raw["base_model"], str, source, "base_model")
+    base_model = _parse_base_model(raw["base_model"], source)
     trust = _typed(raw.get("trust_remote_code", False), bool, source, "trust_remote_code")
 
     if not isinstance(raw["datasets"], dict):
@@ -212,6 +231,28 @@ def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
     )
     _check_ranges(config)
     return config
+
+
+def _parse_base_model(raw: Any, source: str) -> BaseModelSpec:
+    """A string (kind from its form) or a mapping with exactly one of gguf, dir, hub."""
+    if isinstance(raw, str):
+        return BaseModelSpec(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: 'base_model' must be a string or a mapping with one of "
+            f"{', '.join(BASE_KINDS)} (e.g. {{gguf: model.gguf}}), got {_kind(raw)} {raw!r}"
+        )
+    _check_keys(raw, list(BASE_KINDS), source, "base_model")
+    if len(raw) != 1:
+        raise ConfigError(
+            f"{source}: 'base_model' has {', '.join(map(str, raw))}; give exactly one of "
+            f"{', '.join(BASE_KINDS)}, which says how to load it"
+        )
+    [(kind, value)] = raw.items()
+    location = _typed(value, str, source, f"base_model.{kind}")
+    if not location.strip():
+        raise ConfigError(f"{source}: 'base_model.{kind}' is empty; give a path or a Hub id")
+    return BaseModelSpec(location, kind)
 
 
 def _parse_baseline(raw: Any, names: list[str], source: str) -> BaselineConfig:

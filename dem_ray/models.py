@@ -12,14 +12,19 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 
+from dem_ray.config import BaseModelSpec
+from dem_ray.manifest import sha256_file
+
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package://"
+GGUF_MARKER = "dem_ray_source.json"  # in a converted dir: which GGUF bytes it came from
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -52,37 +57,68 @@ def resolve_package_path(spec: str) -> Path:
     return path
 
 
-def base_kind(spec: str) -> str:
-    """'gguf', 'dir' or 'hub': how a base_model string is to be loaded."""
-    if spec.startswith(PACKAGE_PREFIX):
-        spec = str(resolve_package_path(spec))
-    if spec.endswith(".gguf"):
+def as_base_spec(spec: str | BaseModelSpec) -> BaseModelSpec:
+    """Accept the config's BaseModelSpec or a plain string (as the CLI and benchmarks pass)."""
+    return spec if isinstance(spec, BaseModelSpec) else BaseModelSpec(spec)
+
+
+def base_path(spec: str | BaseModelSpec) -> Path:
+    """The local path a base_model names, with `package://` resolved to the installed file."""
+    location = as_base_spec(spec).location
+    if location.startswith(PACKAGE_PREFIX):
+        return resolve_package_path(location)
+    return Path(location).expanduser()
+
+
+def base_kind(spec: str | BaseModelSpec) -> str:
+    """'gguf', 'dir' or 'hub': how a base_model is to be loaded.
+
+    A declared kind (`{gguf: PATH}` in the config) is taken as said, after checking that
+    the path is there; a plain string is judged by its form, as it always was.
+    """
+    spec = as_base_spec(spec)
+    if spec.kind == "hub":
+        return "hub"
+    if spec.kind is not None:
+        path = base_path(spec)
+        exists = path.is_file() if spec.kind == "gguf" else path.is_dir()
+        if not exists:
+            what = "file" if spec.kind == "gguf" else "directory"
+            raise ModelError(
+                f"base_model.{spec.kind} '{spec.location}': no such {what} ({path}); "
+                f"fix the path in the config"
+            )
+        return spec.kind
+    location = str(base_path(spec))
+    if location.endswith(".gguf"):
         return "gguf"
-    if Path(spec).exists():
+    if Path(location).exists():
         return "dir"
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelError(f"base_model '{spec}': no such file or directory")
+    if location.startswith((".", "/", "~")) or location.count("/") > 1:
+        raise ModelError(f"base_model '{spec.location}': no such file or directory")
     return "hub"
 
 
-def materialize_base(spec: str, out_dir: Path, trust_remote_code: bool = False) -> Path:
+def materialize_base(
+    spec: str | BaseModelSpec, out_dir: Path, trust_remote_code: bool = False
+) -> Path:
     """A local HF dir with safetensors weights and a tokenizer for the base model."""
     kind = base_kind(spec)
     if kind == "gguf":
-        path = resolve_package_path(spec) if spec.startswith(PACKAGE_PREFIX) else Path(spec)
-        gguf_to_hf_dir(path, out_dir)
+        gguf_to_hf_dir(base_path(spec), out_dir)
         return out_dir
     if kind == "hub":
         from huggingface_hub import snapshot_download
 
-        log.info("fetching %s from the Hugging Face Hub", spec)
+        hub_id = as_base_spec(spec).location
+        log.info("fetching %s from the Hugging Face Hub", hub_id)
         local = Path(
             snapshot_download(
-                spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+                hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
             )
         )
     else:
-        local = Path(spec)
+        local = base_path(spec)
     check_model_dir(local, role="base model")
     return local
 
@@ -159,35 +195,71 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF file once into an HF directory (fp32 safetensors + its tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF file once into an HF directory (fp32 safetensors + its tokenizer).
 
-    gguf_path = Path(gguf_path)
+    `out_dir` keeps a marker with the file's size and sha256, and a later call with the
+    same bytes reuses the directory. Content, not size or mtime: two GGUF exports of one
+    architecture at one quantization have the same size to the byte, and a reinstalled
+    or touched file has a new mtime but needs no new conversion. Hashing reads the file
+    once, a fraction of what converting it costs.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ModelError(f"GGUF file {gguf_path} not found")
-    marker = out_dir / "dem_ray_source.json"
-    source = {"gguf": str(gguf_path), "size": gguf_path.stat().st_size}
-    if marker.exists() and json.loads(marker.read_text()) == source:
+    source = _gguf_source(gguf_path)
+    if _converted_from(out_dir, source):
+        log.info("reusing %s, converted earlier from %s", out_dir, gguf_path)
         return
     log.info("converting %s to a Hugging Face directory at %s (once)", gguf_path, out_dir)
+    model, tokenizer = _load_gguf(gguf_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / GGUF_MARKER).write_text(json.dumps(source))
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _gguf_source(gguf_path: Path) -> dict:
+    return {
+        "gguf": str(gguf_path.resolve()),
+        "size": gguf_path.stat().st_size,
+        "sha256": sha256_file(gguf_path),
+    }
+
+
+def _converted_from(out_dir: Path, source: dict) -> bool:
+    """True when `out_dir` is a whole conversion of a file with these bytes (at any path)."""
+    marker = out_dir / GGUF_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+        check_model_dir(out_dir, role="converted GGUF")
+    except (ValueError, ModelError):
+        return False
+    return all(recorded.get(key) == source[key] for key in ("size", "sha256"))
+
+
+def _load_gguf(gguf_path: Path):
+    """A plain fp32 model (save_pretrained refuses GGUF-loaded ones) and the file's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError) as exc:
-        raise ModelError(f"GGUF file {gguf_path}: cannot be loaded by transformers: {exc}") from exc
-    # save_pretrained refuses GGUF-loaded models: rebuild a plain one from the config.
+    except (ValueError, KeyError, struct.error) as exc:  # struct.error: a truncated header
+        raise ModelError(
+            f"GGUF file {gguf_path}: cannot be loaded by transformers: {exc}. Check that it is "
+            "a whole GGUF file (not cut short) of an architecture transformers supports, or "
+            "give base_model a Hugging Face directory or Hub id of this model instead"
+        ) from exc
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    del loaded
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        fresh.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "dem_ray_source.json").write_text(json.dumps(source))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return fresh, tokenizer

