@@ -7,6 +7,8 @@ a GGUF file is dequantized once into `<run_dir>/base/`.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import importlib.util
 import json
 import logging
@@ -147,7 +149,17 @@ def save_model_dir(model, out_dir: Path, tokenizer_src: Path | None = None) -> N
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished directory in under its final name; the old one goes only after."""
+    """Swap a finished directory in under its final name; the old one goes only after.
+
+    On Linux the swap is one atomic `renameat2(RENAME_EXCHANGE)`; elsewhere it is two
+    renames, and a kill between them leaves the old version at `.NAME.old`, which
+    `recover_dir` puts back.
+    """
+    final, tmp = Path(final), Path(tmp)
+    recover_dir(final)
+    if final.exists() and _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous version
+        return
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old")
@@ -156,6 +168,30 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Put back the previous version of `final` if a kill left it only at `.NAME.old`."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.is_dir():
+        log.warning("%s: restoring the previous version from %s (a write was cut off)", final, old)
+        os.replace(old, final)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:

@@ -104,6 +104,16 @@ class Pipeline:
             if ds.validation_path:
                 data_mod.read_documents(self._data_path(ds.validation_path), ds.text_field, name)
         self.manifest = Manifest(self.run_dir)
+        self._recover_dirs()
+
+    def _recover_dirs(self) -> None:
+        """Directories a kill left only at `.NAME.old` (mid-swap) go back under their name."""
+        from dem_ray.models import recover_dir
+
+        for path in (self.run_dir / "merged", self.run_dir / "base",
+                     self.run_dir / "baseline" / "best",
+                     *(self.finetune_dir(n) for n in self.names)):  # fmt: skip
+            recover_dir(path)
 
     def _check_run_dir(self) -> None:
         try:
@@ -138,10 +148,19 @@ class Pipeline:
         return True
 
     def _require(self, key: str, stage: str) -> None:
+        """Stage `key` has run and its outputs are still exactly what it wrote."""
         if not self._is_recorded(key):
             raise PipelineError(
                 f"stage '{key}' has not run in {self.run_dir}; run `dem-ray {stage} "
                 f"{self.cfg.source}` first (or `dem-ray run {self.cfg.source}`)"
+            )
+        damaged = self.manifest.damaged(key)
+        if damaged:
+            path, why = damaged[0]
+            raise PipelineError(
+                f"{path} {why}; it is an output of stage '{key}': run "
+                f"`dem-ray {stage} {self.cfg.source} --force` to write it again "
+                f"(or `dem-ray run {self.cfg.source}`, which redoes what is damaged)"
             )
 
     # ---- prepare ----------------------------------------------------------------------------
@@ -261,6 +280,8 @@ class Pipeline:
             "cpus_per_worker",
             "gpus_per_worker",
             "max_concurrent",
+            "max_failures",
+            "checkpoint_every",
         ):
             hp.pop(key)
         return hp
@@ -351,6 +372,9 @@ class Pipeline:
         if need_vectors and not have_vectors:
             raise PipelineError("the vectors stage has not run; run `dem-ray vectors` first")
         vectors = []
+        if need_vectors:
+            for n in self.names:
+                self._require(f"vectors/{n}", "vectors")
         if have_vectors:
             vectors = [self.manifest.outputs_hash(f"vectors/{n}") for n in self.names]
         key = hash_json({"vectors": vectors, "evaluator": dataclasses.asdict(ev)})
@@ -409,17 +433,19 @@ class Pipeline:
             }
         )
         if self._begin("search", inputs, force):
-            self._search(inputs)
+            self._search(inputs, fresh=force)
         if self.cfg.search.compare_grid:
             self._compare_grid(force)
 
-    def _search(self, inputs: str) -> None:
+    def _search(self, inputs: str, fresh: bool) -> None:
+        """The search; without `fresh`, trials an interrupted search finished are kept."""
         from dem_ray.search import best_trial, run_search
 
         start = time.perf_counter()
         pool = self.pool()
         out = self.run_dir / "search"
-        trials = run_search(self.cfg.search, self._space, pool, out, self.run_dir / "ray_tune")
+        trials = run_search(self.cfg.search, self._space, pool, out, self.run_dir / "ray_tune",
+                            inputs=inputs, fresh=fresh)  # fmt: skip
         best = best_trial(trials)
         best_record = {
             "weights": best["weights"],
@@ -469,7 +495,8 @@ class Pipeline:
         start = time.perf_counter()
         out = self.run_dir / "search"
         trials = run_search(cfg, self._space, self.pool(), out, self.run_dir / "ray_tune",
-                            trials_name="grid_trials.jsonl")  # fmt: skip
+                            trials_name="grid_trials.jsonl", inputs=inputs,
+                            fresh=force)  # fmt: skip
         self.manifest.record(
             "search_grid", inputs, [out / "grid_trials.jsonl"],
             cost=self._search_cost(trials, start),
@@ -577,8 +604,9 @@ class Pipeline:
         eval_wall = time.perf_counter() - start
         nll = {n: tuple(v) for n, v in result["nll"].items()}
         score = objective(nll, self.cfg.search.objective)
-        (self.mixture_dir(mid) / "dem_ray_mixture.json").write_text(
-            json.dumps({"id": mid, "weights": mix, "objective": score}, indent=2)
+        write_text_atomic(
+            self.mixture_dir(mid) / "dem_ray_mixture.json",
+            json.dumps({"id": mid, "weights": mix, "objective": score}, indent=2),
         )
         log.info("baseline: mixture %s objective %.4f", mid, score)
         self.manifest.record(

@@ -95,6 +95,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     try:
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
         save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())  # on disk before it takes the final name
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
