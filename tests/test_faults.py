@@ -3,6 +3,7 @@ a kill mid-write, a damaged artifact. Each test fails when its protection is rem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -96,10 +97,8 @@ def _kill_processes_under(temp_dir: Path) -> None:
         except OSError:
             continue
         if str(temp_dir) in cmdline:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_driver_killed_mid_search_resumes_without_rerunning(ray_session, stand_in, caplog):
@@ -122,9 +121,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning(ray_session, stand_i
             start_new_session=True,  # its own process group, killed as a whole below
         )  # fmt: skip
     try:
-        wait_for(
-            lambda: lines_in(trials_path) >= 4 or driver.poll() is not None, 240, "4 trials"
-        )
+        wait_for(lambda: lines_in(trials_path) >= 4 or driver.poll() is not None, 240, "4 trials")
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
