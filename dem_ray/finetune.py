@@ -67,6 +67,7 @@ def rows_before(probs: torch.Tensor, batch_size: int, seed: int, rank: int, step
 
 
 FAULT_ENV = "DEM_RAY_FAULT_AT_STEP"
+FAULT_DELAY_S = 6.0
 
 
 def fault_for(job_name: str, storage_dir: Path) -> dict | None:
@@ -88,6 +89,9 @@ def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
     if fault is None or rank != 0 or step != fault["step"] or Path(fault["marker"]).exists():
         return
     Path(fault["marker"]).write_text(f"killed after step {step}\n")
+    # The controller collects reported checkpoints when it polls the workers (every few
+    # seconds); a real step takes longer than that, so wait as one would before dying.
+    time.sleep(FAULT_DELAY_S)
     print(f"{FAULT_ENV}: worker exits abruptly after step {step}", file=sys.stderr, flush=True)
     os._exit(1)
 

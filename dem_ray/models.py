@@ -107,6 +107,38 @@ def check_model_dir(path: Path, role: str) -> None:
         raise ModelError(f"{role} {path}: no *.safetensors weights")
 
 
+def check_same_tokenizer(base_dir: Path, other_dir: Path, role: str) -> None:
+    """A fine-tune must read tokens as the base does: same vocabulary, same ids.
+
+    Tensor shapes catch a different vocabulary size; this catches a tokenizer of the
+    same size that maps tokens to other ids, which would make the vector meaningless.
+    """
+    base_vocab, other_vocab = _vocab(Path(base_dir)), _vocab(Path(other_dir))
+    if base_vocab is None or other_vocab is None or base_vocab == other_vocab:
+        return
+    moved = sum(1 for tok, i in other_vocab.items() if base_vocab.get(tok) != i)
+    moved += sum(1 for tok in base_vocab if tok not in other_vocab)
+    raise ModelError(
+        f"{role} {other_dir}: its tokenizer.json has another vocabulary than the base "
+        f"{base_dir} ({len(other_vocab)} vs {len(base_vocab)} tokens, {moved} mapped "
+        "differently); a fine-tune must come from this base model with its tokenizer"
+    )
+
+
+def _vocab(model_dir: Path) -> dict[str, int] | None:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not readable JSON ({exc})") from exc
+    vocab = dict((raw.get("model") or {}).get("vocab") or {})
+    for token in raw.get("added_tokens") or []:
+        vocab[token["content"]] = token["id"]
+    return vocab
+
+
 def load_model(path: Path, device: str = "cpu", trust_remote_code: bool = False):
     """An HF causal LM from a local safetensors directory, in float32 unless saved otherwise."""
     from transformers import AutoModelForCausalLM

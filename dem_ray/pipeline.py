@@ -28,6 +28,7 @@ from dem_ray.models import (
     PACKAGE_PREFIX,
     base_kind,
     check_model_dir,
+    check_same_tokenizer,
     load_tokenizer,
     materialize_base,
     resolve_package_path,
@@ -349,6 +350,9 @@ class Pipeline:
             if not self._begin(f"vectors/{name}", inputs, force):
                 continue
             start, cpu = time.perf_counter(), time.process_time()
+            role = f"fine-tune '{name}'"
+            check_model_dir(self.finetune_dir(name), role=role)
+            check_same_tokenizer(self.base_dir, self.finetune_dir(name), role=role)
             check_compatible(self.base_dir, self.finetune_dir(name))
             compute_vector(self.base_dir, self.finetune_dir(name), self.vector_path(name))
             log.info("vector %s -> %s", name, self.vector_path(name))

@@ -76,6 +76,11 @@ def compute_vector(base_dir: Path, finetuned_dir: Path, out_path: Path, dtype: s
         for name in sorted(base_index):
             b = _handle(stack, handles, base_index[name]).get_tensor(name)
             f = _handle(stack, handles, other_index[name]).get_tensor(name)
+            if not torch.isfinite(b).all():
+                raise VectorError(
+                    f"{base_dir}: tensor '{name}' of the base model has NaN or Inf; "
+                    "the base checkpoint is damaged - fetch or convert it again"
+                )
             if not torch.isfinite(f).all():
                 raise VectorError(
                     f"{finetuned_dir}: tensor '{name}' has NaN or Inf; the fine-tune diverged "
