@@ -71,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dem-ray: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from dem_ray.evaluator import EvaluatorMemoryError
         from dem_ray.pipeline import PipelineError
 
+        if isinstance(exc, EvaluatorMemoryError):
+            print(f"dem-ray: error: {exc}", file=sys.stderr)
+            return 2
         if isinstance(exc, PipelineError):
             print(f"dem-ray: error: {exc}", file=sys.stderr)
             return 1

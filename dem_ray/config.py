@@ -49,6 +49,8 @@ class FinetuneConfig:
     max_concurrent: int | None = None
     log_every: int = 10
     seed: int = 0
+    max_failures: int = 2
+    checkpoint_every: int = 100
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,21 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads YAML 1.2 floats such as 1e-4 (YAML 1.1 wants 1.0e-4)."""
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    """A YAML mapping; a key given twice is an error (plain YAML keeps the last silently)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise ConfigError(
+                f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping "
+                f"(first on line {seen[key]}); give each dataset and setting a unique name"
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
@@ -176,6 +193,8 @@ def load_config(path: str | Path) -> RunConfig:
         raw = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return parse_config(raw, source=str(path))
 
 
@@ -307,7 +326,7 @@ def _check_ranges(c: RunConfig) -> None:
         if d.max_train_documents is not None and d.max_train_documents < 1:
             raise ConfigError(f"{s}: datasets.{name}.max_train_documents must be >= 1")
     f = c.finetune
-    for key in ("max_steps", "batch_size", "num_workers", "log_every"):
+    for key in ("max_steps", "batch_size", "num_workers", "log_every", "checkpoint_every"):
         _positive(getattr(f, key), s, f"finetune.{key}")
     if f.seq_len < 2:
         raise ConfigError(f"{s}: finetune.seq_len must be >= 2 (one token predicts the next)")
@@ -316,6 +335,7 @@ def _check_ranges(c: RunConfig) -> None:
     _non_negative(f.gpus_per_worker, s, "finetune.gpus_per_worker")
     _non_negative(f.warmup_steps, s, "finetune.warmup_steps")
     _non_negative(f.weight_decay, s, "finetune.weight_decay")
+    _non_negative(f.max_failures, s, "finetune.max_failures")
     if f.torch_threads is not None:
         _positive(f.torch_threads, s, "finetune.torch_threads")
     if f.max_concurrent is not None:

@@ -7,9 +7,11 @@ batch. Trials are light clients that send weights and get per-dataset NLL back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -17,10 +19,30 @@ import torch
 from safetensors.torch import load_file
 
 from dem_ray.merge import LazyTensors, ResidentMerge
-from dem_ray.models import load_model
+from dem_ray.models import check_model_dir, load_model
 from dem_ray.perplexity import token_nll
 
 log = logging.getLogger(__name__)
+
+
+class EvaluatorMemoryError(RuntimeError):
+    """The evaluator's device ran out of memory; the message says what to change."""
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(device: str, what: str) -> Iterator[None]:
+    """Turn an out-of-memory error into one that says which settings make room."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
+            raise
+        raise EvaluatorMemoryError(
+            f"evaluator on {device}: out of memory while {what} ({exc}). The actor holds the "
+            "base and every vector resident: set `evaluator.vector_dtype: bfloat16` (halves "
+            "the vectors), lower `evaluator.batch_size`, or put fewer actors on each GPU "
+            "(raise `evaluator.gpus_per_actor` or lower `evaluator.num_actors`)"
+        ) from exc
 
 
 class Evaluator:
@@ -47,10 +69,11 @@ class Evaluator:
             device = "cuda" if use_cuda else "cpu"
         self.device = device
         self.num_gpus = max(len(gpu_ids), 1) if self.device == "cuda" else 0
-        self.model = load_model(Path(base_dir), self.device, trust_remote_code).eval()
-        self.merge = ResidentMerge(
-            self.model, [LazyTensors(Path(p)) for p in vector_paths], vector_dtype
-        )
+        with explain_out_of_memory(self.device, "loading the base and the vectors"):
+            self.model = load_model(Path(base_dir), self.device, trust_remote_code).eval()
+            self.merge = ResidentMerge(
+                self.model, [LazyTensors(Path(p)) for p in vector_paths], vector_dtype
+            )
         self.shards: dict[str, torch.Tensor] = {}
         for name, path in shard_paths.items():
             rows = load_file(path)["input_ids"]
@@ -77,23 +100,26 @@ class Evaluator:
             raise ValueError(f"slice {part} of {parts} does not exist")
         start = self._clock()
         key = tuple(float(w) for w in weights)
-        if key != self._merged:
-            self._merged = None  # a failed apply must not leave stale weights marked live
-            self.merge.apply(weights)
-            self._merged = key
-            self.merges += 1
-        return self._score(start, part, parts)
+        with explain_out_of_memory(self.device, "scoring a candidate"):
+            if key != self._merged:
+                self._merged = None  # a failed apply must not leave stale weights marked live
+                self.merge.apply(weights)
+                self._merged = key
+                self.merges += 1
+            return self._score(start, part, parts)
 
     def evaluate_checkpoint(self, model_dir: str) -> dict:
         """Score another checkpoint of the same architecture (a specialist, the merged model)."""
         start = self._clock()
+        check_model_dir(Path(model_dir), role="checkpoint")  # safetensors only, never pickles
         files = sorted(Path(model_dir).glob("*.safetensors"))
         state = {}
         for path in files:
             state.update(LazyTensors(path))
         self._merged = None
-        self.merge.load_state(state)
-        return self._score(start)
+        with explain_out_of_memory(self.device, f"scoring {model_dir}"):
+            self.merge.load_state(state)
+            return self._score(start)
 
     def info(self) -> dict:
         return {
@@ -104,6 +130,7 @@ class Evaluator:
             "tokens": self.tokens,
             "calls": self.calls,
             "merges": self.merges,
+            "rss_bytes": _rss_bytes(),
             "validation_tokens": {n: int(r[:, 1:].numel()) for n, r in self.shards.items()},
         }
 
@@ -130,6 +157,15 @@ class Evaluator:
             torch.cuda.synchronize()
             return (time.perf_counter() - start[0]) * self.num_gpus
         return time.process_time() - start[1]
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 where it cannot be read)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 EvaluatorActor = ray.remote(Evaluator)

@@ -3,7 +3,9 @@ runs them all at once. Each saves its model as an HF directory (safetensors)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -15,7 +17,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dem_ray.config import FinetuneConfig
@@ -48,8 +50,74 @@ def sample_batch(
     return torch.cat(rows), torch.bincount(source, minlength=len(shards))
 
 
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The sampler's generator for one step: a restart replays the same batches."""
+    return torch.Generator().manual_seed((seed * 1000 + rank) * 1_000_003 + step)
+
+
+def rows_before(probs: torch.Tensor, batch_size: int, seed: int, rank: int, steps: int):
+    """Rows per shard the first `steps` steps drew (the sampler replayed, no data read)."""
+    counts = torch.zeros(probs.numel(), dtype=torch.long)
+    for step in range(1, steps + 1):
+        source = torch.multinomial(
+            probs, batch_size, replacement=True, generator=step_generator(seed, rank, step)
+        )
+        counts += torch.bincount(source, minlength=probs.numel())
+    return counts
+
+
+FAULT_ENV = "DEM_RAY_FAULT_AT_STEP"
+FAULT_DELAY_S = 6.0
+
+
+def fault_for(job_name: str, storage_dir: Path) -> dict | None:
+    """Testing hook: `DEM_RAY_FAULT_AT_STEP=STEP[:JOB]` kills the rank-0 worker of JOB
+    (of every job without `:JOB`) right after step STEP, once: a marker file in the
+    storage directory stops it from firing again after Ray Train restarts the worker.
+    Read in the driver, because workers need not inherit the driver's environment."""
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return None
+    step, _, only = value.partition(":")
+    if only and only != job_name:
+        return None
+    marker = Path(storage_dir) / f".fault-{job_name.replace(' ', '_')}"
+    return {"step": int(step), "marker": str(marker)}
+
+
+def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
+    if fault is None or rank != 0 or step != fault["step"] or Path(fault["marker"]).exists():
+        return
+    Path(fault["marker"]).write_text(f"killed after step {step}\n")
+    # The controller collects reported checkpoints when it polls the workers (every few
+    # seconds); a real step takes longer than that, so wait as one would before dying.
+    time.sleep(FAULT_DELAY_S)
+    print(f"{FAULT_ENV}: worker exits abruptly after step {step}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _save_state(model, optimizer, scheduler, step: int, device_seconds: float, out: Path) -> None:
+    """A resumable checkpoint: weights (safetensors) and optimizer/step state."""
+    model.save_pretrained(str(out), safe_serialization=True)
+    state = {
+        "step": step,
+        "device_seconds": device_seconds,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    torch.save(state, out / TRAIN_STATE)
+
+
+TRAIN_STATE = "dem_ray_train_state.pt"
+
+
 def train_loop(config: dict) -> None:
-    """Runs on each Ray Train worker: AdamW on random packed rows of one dataset or a mixture."""
+    """Runs on each Ray Train worker: AdamW on random packed rows of one dataset or a mixture.
+
+    Every `checkpoint_every` steps it reports a checkpoint (weights, optimizer, step);
+    a worker restarted by Ray Train after a failure resumes from the latest one, and
+    the sampler, seeded per step, draws the very batches the lost worker would have.
+    """
     import ray.train.torch as rt
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -62,26 +130,38 @@ def train_loop(config: dict) -> None:
     if hp.torch_threads:
         torch.set_num_threads(hp.torch_threads)
     torch.manual_seed(hp.seed)
-    model = AutoModelForCausalLM.from_pretrained(config["base_dir"], use_safetensors=True)
-    model.train()
-    model = rt.prepare_model(model)
-    device = next(model.parameters()).device
     names = list(config["train_shards"])
     shards = [load_file(config["train_shards"][n])["input_ids"] for n in names]
     mixture = config.get("mixture") or {names[0]: 1.0}
     probs = torch.tensor([mixture[n] for n in names], dtype=torch.float64)
-    rows_seen = torch.zeros(len(names), dtype=torch.long)
-    generator = torch.Generator().manual_seed(hp.seed * 1000 + rank)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / (hp.warmup_steps + 1))
-    )
     tag = f"[finetune {config['name']}]"
+    with contextlib.ExitStack() as stack:
+        checkpoint = ray.train.get_checkpoint()
+        source, state = config["base_dir"], None
+        if checkpoint is not None:
+            source = stack.enter_context(checkpoint.as_directory())
+            state = torch.load(Path(source) / TRAIN_STATE, weights_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+        model.train()
+        model = rt.prepare_model(model)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / (hp.warmup_steps + 1))
+        )
+        start_step, earlier_seconds = 0, 0.0
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_step, earlier_seconds = state["step"], state["device_seconds"]
+            print(f"{tag} resuming from the checkpoint of step {start_step}", file=sys.stderr)
+    device = next(model.parameters()).device
+    rows_seen = rows_before(probs, hp.batch_size, hp.seed, rank, start_step)
     tokens_per_step = hp.batch_size * hp.seq_len * world
     interval_start, loss_value = time.perf_counter(), float("nan")
-    for step in range(1, max_steps + 1):
+    for step in range(start_step + 1, max_steps + 1):
+        generator = step_generator(hp.seed, rank, step)
         batch, counts = sample_batch(shards, probs, hp.batch_size, generator)
         rows_seen += counts
         batch = batch.to(device=device, dtype=torch.long)
@@ -103,32 +183,54 @@ def train_loop(config: dict) -> None:
                 flush=True,
             )
             interval_start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        device_seconds = time.perf_counter() - wall0
-    else:
-        device_seconds = time.process_time() - cpu0
-    device_seconds = _sum_over_workers(device_seconds, world, device)
+        if step % hp.checkpoint_every == 0 and step < max_steps:
+            spent = _sum_over_workers(_device_seconds(device, wall0, cpu0), world, device)
+            _report(model, rank, {"step": step}, lambda out, s=step, t=spent: _save_state(
+                _unwrap(model), optimizer, scheduler, s, earlier_seconds + t, out))  # fmt: skip
+        _maybe_fault(config.get("fault"), step, rank)
+    device_seconds = earlier_seconds + _sum_over_workers(
+        _device_seconds(device, wall0, cpu0), world, device
+    )
     tokens_by_dataset = {
         n: int(_sum_over_workers(float(rows_seen[i]), world, device)) * hp.seq_len
         for i, n in enumerate(names)
     }
     metrics = {
-        "tokens": max_steps * tokens_per_step,
+        "tokens": sum(tokens_by_dataset.values()),
         "tokens_by_dataset": tokens_by_dataset,
         "device_seconds": device_seconds,
         "final_loss": loss_value,
         "steps": max_steps,
+        "resumed_from_step": start_step,
         "workers": world,
         "device": device.type,
     }
+
+    def save_final(out: Path) -> None:
+        _unwrap(model).save_pretrained(str(out), safe_serialization=True)
+        copy_tokenizer(Path(config["base_dir"]), out)
+
+    _report(model, rank, metrics, save_final)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _device_seconds(device: torch.device, wall0: float, cpu0: float) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter() - wall0
+    return time.process_time() - cpu0
+
+
+def _report(model, rank: int, metrics: dict, save) -> None:
+    """Every worker reports; rank 0 attaches a checkpoint that `save(dir)` writes."""
     if rank != 0:
         ray.train.report(metrics)
         return
-    unwrapped = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory() as tmp:
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
-        copy_tokenizer(Path(config["base_dir"]), Path(tmp))
+        save(Path(tmp))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -182,6 +284,7 @@ def run_finetunes(
                     "mixture": job.mixture,
                     "max_steps": job.max_steps,
                     "finetune": asdict(hp),
+                    "fault": fault_for(job.name, storage_dir),
                 },
                 scaling_config=ScalingConfig(
                     num_workers=hp.num_workers,
@@ -191,6 +294,8 @@ def run_finetunes(
                 run_config=RunConfig(
                     name=f"finetune-{job.name}-{time.time_ns()}",
                     storage_path=str(storage_dir),
+                    failure_config=FailureConfig(max_failures=hp.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
                 ),
             )
             result = trainer.fit()

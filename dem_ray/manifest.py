@@ -106,6 +106,17 @@ class Manifest:
                 return False
         return True
 
+    def damaged(self, key: str) -> list[tuple[Path, str]]:
+        """Outputs of a finished stage that are gone or no longer what it wrote (sha256)."""
+        bad = []
+        for rel, digest in self.entry(key)["outputs"].items():
+            path = self.run_dir / rel
+            if not path.is_file():
+                bad.append((path, "is missing"))
+            elif self.sha256(path) != digest:
+                bad.append((path, "differs from what the stage wrote (sha256): damaged"))
+        return bad
+
     def record(
         self,
         key: str,

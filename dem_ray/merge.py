@@ -72,6 +72,12 @@ class ResidentMerge:
             view.copy_(param.data.reshape(-1))
             for i, vector in enumerate(vectors):
                 tensor = _pick(vector, aliases, i)
+                if not torch.isfinite(tensor).all():
+                    raise VectorError(
+                        f"{getattr(vector, 'path', f'vector {i}')}: tensor '{aliases[0]}' has "
+                        "NaN or Inf; re-run `dem-ray vectors CONFIG --force` (and the finetune "
+                        "stage if the fine-tune itself diverged)"
+                    )
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise VectorError(
                         f"vector {i}: tensor '{aliases[0]}' has shape {tuple(tensor.shape)}, "
@@ -195,7 +201,13 @@ def merge_to_dir(
             for vpath, handle in zip(vector_paths, vec_handles, strict=True):
                 if name not in handle.keys():  # noqa: SIM118
                     raise MergeError(f"{vpath}: no tensor '{name}'; re-run the vectors stage")
-                stacked.append(handle.get_tensor(name))
+                tensor = handle.get_tensor(name)
+                if not torch.isfinite(tensor).all():
+                    raise MergeError(
+                        f"{vpath}: tensor '{name}' has NaN or Inf; re-run `dem-ray vectors "
+                        "CONFIG --force` (and the finetune stage if the fine-tune diverged)"
+                    )
+                stacked.append(tensor)
             out[name] = merge_tensor(base, torch.stack(stacked), w)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

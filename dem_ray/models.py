@@ -7,6 +7,8 @@ a GGUF file is dequantized once into `<run_dir>/base/`.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import importlib.util
 import json
 import logging
@@ -141,6 +143,38 @@ def check_model_dir(path: Path, role: str) -> None:
         raise ModelError(f"{role} {path}: no *.safetensors weights")
 
 
+def check_same_tokenizer(base_dir: Path, other_dir: Path, role: str) -> None:
+    """A fine-tune must read tokens as the base does: same vocabulary, same ids.
+
+    Tensor shapes catch a different vocabulary size; this catches a tokenizer of the
+    same size that maps tokens to other ids, which would make the vector meaningless.
+    """
+    base_vocab, other_vocab = _vocab(Path(base_dir)), _vocab(Path(other_dir))
+    if base_vocab is None or other_vocab is None or base_vocab == other_vocab:
+        return
+    moved = sum(1 for tok, i in other_vocab.items() if base_vocab.get(tok) != i)
+    moved += sum(1 for tok in base_vocab if tok not in other_vocab)
+    raise ModelError(
+        f"{role} {other_dir}: its tokenizer.json has another vocabulary than the base "
+        f"{base_dir} ({len(other_vocab)} vs {len(base_vocab)} tokens, {moved} mapped "
+        "differently); a fine-tune must come from this base model with its tokenizer"
+    )
+
+
+def _vocab(model_dir: Path) -> dict[str, int] | None:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not readable JSON ({exc})") from exc
+    vocab = dict((raw.get("model") or {}).get("vocab") or {})
+    for token in raw.get("added_tokens") or []:
+        vocab[token["content"]] = token["id"]
+    return vocab
+
+
 def load_model(path: Path, device: str = "cpu", trust_remote_code: bool = False):
     """An HF causal LM from a local safetensors directory, in float32 unless saved otherwise."""
     from transformers import AutoModelForCausalLM
@@ -183,7 +217,17 @@ def save_model_dir(model, out_dir: Path, tokenizer_src: Path | None = None) -> N
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished directory in under its final name; the old one goes only after."""
+    """Swap a finished directory in under its final name; the old one goes only after.
+
+    On Linux the swap is one atomic `renameat2(RENAME_EXCHANGE)`; elsewhere it is two
+    renames, and a kill between them leaves the old version at `.NAME.old`, which
+    `recover_dir` puts back.
+    """
+    final, tmp = Path(final), Path(tmp)
+    recover_dir(final)
+    if final.exists() and _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous version
+        return
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old")
@@ -192,6 +236,30 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Put back the previous version of `final` if a kill left it only at `.NAME.old`."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.is_dir():
+        log.warning("%s: restoring the previous version from %s (a write was cut off)", final, old)
+        os.replace(old, final)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:

@@ -28,6 +28,7 @@ from dem_ray.models import (
     base_kind,
     base_path,
     check_model_dir,
+    check_same_tokenizer,
     load_tokenizer,
     materialize_base,
 )
@@ -103,6 +104,16 @@ class Pipeline:
             if ds.validation_path:
                 data_mod.read_documents(self._data_path(ds.validation_path), ds.text_field, name)
         self.manifest = Manifest(self.run_dir)
+        self._recover_dirs()
+
+    def _recover_dirs(self) -> None:
+        """Directories a kill left only at `.NAME.old` (mid-swap) go back under their name."""
+        from dem_ray.models import recover_dir
+
+        for path in (self.run_dir / "merged", self.run_dir / "base",
+                     self.run_dir / "baseline" / "best",
+                     *(self.finetune_dir(n) for n in self.names)):  # fmt: skip
+            recover_dir(path)
 
     def _check_run_dir(self) -> None:
         try:
@@ -137,10 +148,19 @@ class Pipeline:
         return True
 
     def _require(self, key: str, stage: str) -> None:
+        """Stage `key` has run and its outputs are still exactly what it wrote."""
         if not self._is_recorded(key):
             raise PipelineError(
                 f"stage '{key}' has not run in {self.run_dir}; run `dem-ray {stage} "
                 f"{self.cfg.source}` first (or `dem-ray run {self.cfg.source}`)"
+            )
+        damaged = self.manifest.damaged(key)
+        if damaged:
+            path, why = damaged[0]
+            raise PipelineError(
+                f"{path} {why}; it is an output of stage '{key}': run "
+                f"`dem-ray {stage} {self.cfg.source} --force` to write it again "
+                f"(or `dem-ray run {self.cfg.source}`, which redoes what is damaged)"
             )
 
     # ---- prepare ----------------------------------------------------------------------------
@@ -253,6 +273,8 @@ class Pipeline:
             "cpus_per_worker",
             "gpus_per_worker",
             "max_concurrent",
+            "max_failures",
+            "checkpoint_every",
         ):
             hp.pop(key)
         return hp
@@ -320,6 +342,9 @@ class Pipeline:
             if not self._begin(f"vectors/{name}", inputs, force):
                 continue
             start, cpu = time.perf_counter(), time.process_time()
+            role = f"fine-tune '{name}'"
+            check_model_dir(self.finetune_dir(name), role=role)
+            check_same_tokenizer(self.base_dir, self.finetune_dir(name), role=role)
             check_compatible(self.base_dir, self.finetune_dir(name))
             compute_vector(self.base_dir, self.finetune_dir(name), self.vector_path(name))
             log.info("vector %s -> %s", name, self.vector_path(name))
@@ -343,6 +368,9 @@ class Pipeline:
         if need_vectors and not have_vectors:
             raise PipelineError("the vectors stage has not run; run `dem-ray vectors` first")
         vectors = []
+        if need_vectors:
+            for n in self.names:
+                self._require(f"vectors/{n}", "vectors")
         if have_vectors:
             vectors = [self.manifest.outputs_hash(f"vectors/{n}") for n in self.names]
         key = hash_json({"vectors": vectors, "evaluator": dataclasses.asdict(ev)})
@@ -405,20 +433,24 @@ class Pipeline:
         earlier = self.manifest.entry("search")
         if self._begin("search", inputs, force):
             changed = earlier is not None and earlier.get("inputs") != inputs
-            self._search(inputs, earlier if changed else None)
+            self._search(inputs, fresh=force, earlier=earlier if changed else None)
         if self.cfg.search.compare_grid:
             self._compare_grid(force)
 
-    def _search(self, inputs: str, earlier: dict | None) -> None:
+    def _search(self, inputs: str, fresh: bool, earlier: dict | None) -> None:
+        """The search; without `fresh`, trials an interrupted search finished are kept.
+
+        `earlier`: the record of a finished search with other inputs (datasets added or
+        changed since), whose best candidates warm-start this one.
+        """
         from dem_ray.search import best_trial, run_search
 
         start = time.perf_counter()
         pool = self.pool()
         out = self.run_dir / "search"
-        points, update = self._warm_start(earlier, out)
-        trials = run_search(
-            self.cfg.search, self._space, pool, out, self.run_dir / "ray_tune", warm_start=points
-        )
+        points, update = self._warm_start(earlier, out, inputs)
+        trials = run_search(self.cfg.search, self._space, pool, out, self.run_dir / "ray_tune",
+                            inputs=inputs, fresh=fresh, warm_start=points)  # fmt: skip
         best = best_trial(trials)
         best_record = {
             "weights": best["weights"],
@@ -444,7 +476,9 @@ class Pipeline:
     def _vector_hashes(self) -> dict[str, str]:
         return {n: self.manifest.outputs_hash(f"vectors/{n}") for n in self.names}
 
-    def _warm_start(self, earlier: dict | None, out: Path) -> tuple[list[dict], dict | None]:
+    def _warm_start(
+        self, earlier: dict | None, out: Path, inputs: str
+    ) -> tuple[list[dict], dict | None]:
         """After datasets were added or changed: the earlier search's best candidates first.
 
         Also says which datasets' vectors are new since that search, for the report's
@@ -460,7 +494,9 @@ class Pipeline:
         ]
         points: list[dict] = []
         new: list[str] = []
-        if self.cfg.search.algorithm != "grid":
+        marker = out / "trials.jsonl.inputs"
+        resuming = marker.exists() and marker.read_text().strip() == inputs
+        if self.cfg.search.algorithm != "grid" and not resuming:
             earlier_trials = read_trials(out / "trials.jsonl")
             points, new = warm_start_points(earlier_trials, self._space, self.cfg.search.warm_start)
             if earlier_trials and not points and self.cfg.search.warm_start:
@@ -508,7 +544,8 @@ class Pipeline:
         start = time.perf_counter()
         out = self.run_dir / "search"
         trials = run_search(cfg, self._space, self.pool(), out, self.run_dir / "ray_tune",
-                            trials_name="grid_trials.jsonl")  # fmt: skip
+                            trials_name="grid_trials.jsonl", inputs=inputs,
+                            fresh=force)  # fmt: skip
         self.manifest.record(
             "search_grid", inputs, [out / "grid_trials.jsonl"],
             cost=self._search_cost(trials, start),
@@ -616,8 +653,9 @@ class Pipeline:
         eval_wall = time.perf_counter() - start
         nll = {n: tuple(v) for n, v in result["nll"].items()}
         score = objective(nll, self.cfg.search.objective)
-        (self.mixture_dir(mid) / "dem_ray_mixture.json").write_text(
-            json.dumps({"id": mid, "weights": mix, "objective": score}, indent=2)
+        write_text_atomic(
+            self.mixture_dir(mid) / "dem_ray_mixture.json",
+            json.dumps({"id": mid, "weights": mix, "objective": score}, indent=2),
         )
         log.info("baseline: mixture %s objective %.4f", mid, score)
         self.manifest.record(

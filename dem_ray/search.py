@@ -2,7 +2,9 @@
 
 Trials are light clients of the evaluator pool: a trial turns its parameters into
 weights, asks one evaluator actor for per-dataset NLL, and reports the objective.
-A driver-side callback appends every finished trial to `trials.jsonl`.
+A driver-side callback appends every finished trial to `trials.jsonl` (flushed and
+fsync'd), so a driver killed mid-search loses only the trials in flight: the next
+search keeps the finished ones, tells the sampler about them and runs the rest.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
 from dem_ray.config import SearchConfig
+from dem_ray.manifest import write_text_atomic
 from dem_ray.perplexity import objective, perplexity
 from dem_ray.spaces import Space
 
@@ -85,11 +89,12 @@ def run_trial(
 class TrialRecorder(tune.Callback):
     """Appends each finished trial to trials.jsonl and logs progress as trials finish."""
 
-    def __init__(self, path: Path, total: int) -> None:
+    def __init__(self, path: Path, total: int, finished: list[dict] | None = None) -> None:
         self.path = path
         self.total = total
-        self.done = 0
-        self.best: dict | None = None
+        self.done = len(finished or [])
+        scored = [t for t in finished or [] if math.isfinite(full_objective(t))]
+        self.best: dict | None = min(scored, key=full_objective) if scored else None
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
@@ -99,6 +104,7 @@ class TrialRecorder(tune.Callback):
             "trial": self.done,
             "trial_id": trial.trial_id,
             "weights": result["weights"],
+            "params": {k: v for k, v in trial.config.items() if k != "grid_point"},
             "objective": result["objective"],
             "ppl": result["ppl"],
             "device_seconds": result["device_seconds"],
@@ -109,6 +115,7 @@ class TrialRecorder(tune.Callback):
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+            os.fsync(fh.fileno())  # a finished trial survives the driver being killed
         self.done += 1
         if record["complete"] and (
             self.best is None or record["objective"] < self.best["objective"]
@@ -138,16 +145,21 @@ def run_search(
     out_dir: Path,
     storage_dir: Path,
     trials_name: str = "trials.jsonl",
+    inputs: str = "",
+    fresh: bool = True,
     warm_start: list[dict[str, float]] | None = None,
 ) -> list[dict]:
     """Run the search; return the finished trials in order (also in out_dir/trials_name).
 
+    With `fresh=False`, trials that an earlier search with the same `inputs` (a hash
+    of everything that decides a trial's result) finished are kept and not re-run.
     `warm_start`: weights the sampler evaluates first (they count as trials), e.g. the
-    best candidates of an earlier search before a dataset was added.
+    best candidates of an earlier search before a dataset was added; ignored when
+    resuming (the resumed trials already began with them).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
-    trials_path.unlink(missing_ok=True)
+    finished = resume_trials(trials_path, inputs, fresh)
     slices = cfg.slices if cfg.scheduler == "asha" else 1
     trainable = tune.with_parameters(
         run_trial,
@@ -158,9 +170,10 @@ def run_search(
     )
     trainable = tune.with_resources(trainable, {"cpu": 0.01})
     if cfg.algorithm == "grid":
-        points = space.grid(cfg.grid_step)
-        total = len(points)
+        all_points = space.grid(cfg.grid_step)
+        total = len(all_points)
         log.info("search: the plain coefficient grid, %d points at step %g", total, cfg.grid_step)
+        points = remaining_grid_points(all_points, finished)
         param_space = {"grid_point": tune.grid_search(points)}
         tune_config = dict(num_samples=1, max_concurrent_trials=cfg.max_concurrent)
     else:
@@ -178,15 +191,18 @@ def run_search(
             p: tune.uniform(lo, hi)
             for p, (lo, hi) in zip(space.param_names, space.param_bounds(), strict=True)
         }
-        points = [space.to_params(w) for w in (warm_start or [])][:total]
-        if points:
+        warm_points = {}
+        if warm_start and not finished:
+            points = [space.to_params(w) for w in warm_start][:total]
             log.info("search: the first %d trials re-score earlier candidates", len(points))
+            warm_points = {"points_to_evaluate": points}
         searcher = OptunaSearch(
-            sampler=make_sampler(cfg.algorithm, cfg.seed), points_to_evaluate=points or None
+            sampler=make_sampler(cfg.algorithm, cfg.seed),
+            **(resume_hints(finished, space) or warm_points),
         )
         tune_config = dict(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
-            num_samples=total,
+            num_samples=max(total - len(finished), 0),
         )
     if cfg.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -203,7 +219,11 @@ def run_search(
             grace_period=cfg.grace_slices,
             reduction_factor=cfg.reduction_factor,
         )
-    recorder = TrialRecorder(trials_path, total)
+    if finished:
+        log.info("search: resuming, %d of %d trials already finished", len(finished), total)
+    if len(finished) >= total:
+        return finished[:total]
+    recorder = TrialRecorder(trials_path, total, finished)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -228,9 +248,70 @@ def run_search(
 
 
 def read_trials(path: Path) -> list[dict]:
+    """The finished trials in `path`; a last line cut short by a kill is ignored."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    trials = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            trials.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                log.warning("%s: ignoring its last line, cut short (%s)", path, exc)
+                break
+            raise RuntimeError(
+                f"{path}: line {number} is not a trial record ({exc}); delete the file "
+                "to run the search afresh"
+            ) from exc
+    return trials
+
+
+def resume_trials(path: Path, inputs: str, fresh: bool) -> list[dict]:
+    """Trials an earlier search with the same inputs finished; otherwise start afresh.
+
+    A sidecar `<name>.inputs` holds the inputs hash the trials were made with, so
+    trials of changed vectors, data or search settings are never mixed in. The file
+    is rewritten without a cut-short last line so new trials append cleanly.
+    """
+    marker = path.with_name(path.name + ".inputs")
+    same = not fresh and marker.exists() and marker.read_text().strip() == inputs
+    if not same:
+        path.unlink(missing_ok=True)
+        write_text_atomic(marker, inputs + "\n")
+        return []
+    trials = read_trials(path)
+    write_text_atomic(path, "".join(json.dumps(t) + "\n" for t in trials))
+    return trials
+
+
+def resume_hints(finished: list[dict], space: Space) -> dict:
+    """OptunaSearch arguments that tell the sampler about trials already evaluated."""
+    points, rewards = [], []
+    bounds = dict(zip(space.param_names, space.param_bounds(), strict=True))
+    for t in finished:
+        if not math.isfinite(t["objective"]):
+            continue  # Optuna cannot take a non-finite value; the trial still counts as done
+        params = t.get("params") or space.to_params(t["weights"])
+        points.append({k: min(max(params[k], lo), hi) for k, (lo, hi) in bounds.items()})
+        rewards.append(t["objective"])
+    return {"points_to_evaluate": points, "evaluated_rewards": rewards} if points else {}
+
+
+def remaining_grid_points(points: list[dict], finished: list[dict]) -> list[dict]:
+    """Grid points no finished trial has evaluated yet."""
+    done = {_point_key(t["weights"]) for t in finished}
+    return [p for p in points if _point_key(p) not in done]
+
+
+def _point_key(weights: dict) -> tuple:
+    return tuple(sorted((k, round(float(v), 9)) for k, v in weights.items()))
+
+
+def _any_finite(trials: list[dict] | None) -> bool:
+    return any(math.isfinite(t["objective"]) for t in trials or [])
 
 
 def warm_start_points(

@@ -99,7 +99,14 @@ def compute_vector(base_dir: Path, finetuned_dir: Path, out_path: Path, dtype: s
                         )
                     v = f.to(torch.float32)
                     del f
-                    v -= reader(base_index[name]).read(name).to(torch.float32)
+                    b = reader(base_index[name]).read(name)
+                    if not torch.isfinite(b).all():
+                        raise VectorError(
+                            f"{base_dir}: tensor '{name}' of the base model has NaN or Inf; "
+                            "the base checkpoint is damaged - fetch or convert it again"
+                        )
+                    v -= b.to(torch.float32)
+                    del b
                     writer.write(name, v.to(out_dtype))
                     del v
         except SafetensorsFormatError as exc:
@@ -114,6 +121,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     try:
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
         save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())  # on disk before it takes the final name
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -97,3 +97,32 @@ def tiny_config(run_dir: Path, base: Path, data: dict[str, Path], **overrides) -
 @pytest.fixture(scope="session")
 def make_config():
     return tiny_config
+
+
+def stand_in_run(raw: dict, config_path: Path, noise: float = 0.02):
+    """A run through `vectors` without Ray or training: stand-in fine-tunes are the base
+    plus seeded noise, recorded in the manifest as the finetune stage would record them.
+    Seconds instead of minutes, for tests of the stages that come after."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dem_ray.config import parse_config
+    from dem_ray.pipeline import Pipeline
+
+    config_path.write_text(json.dumps(raw))
+    pipeline = Pipeline(parse_config(raw, source=str(config_path)))
+    pipeline.preflight()
+    pipeline.stage_prepare()
+    base = load_file(pipeline.base_dir / "model.safetensors")
+    for i, name in enumerate(pipeline.names):
+        out = pipeline.finetune_dir(name)
+        shutil.copytree(pipeline.base_dir, out)
+        gen = torch.Generator().manual_seed(i)
+        moved = {k: v + noise * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        save_file(moved, out / "model.safetensors", metadata={"format": "pt"})
+        pipeline.manifest.record(f"finetune/{name}", pipeline._finetune_inputs(name), [out])
+    pipeline.stage_vectors()
+    return pipeline

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stand_in_run
 from safetensors.torch import load_file, save_file
 
 from dem_ray.cli import main
@@ -140,3 +141,275 @@ def test_finetune_with_different_tensors_is_refused_naming_the_tensor(capsys, se
     assert "model.norm.weight" in err and str(run_dir / "finetune" / "letters") in err
     assert not (run_dir / "vectors" / "letters.safetensors").exists()
     assert_untouched(before, snapshot(run_dir))
+
+
+# ---- wrong types and ranges, one or more per config section, through the command --------------
+@pytest.mark.parametrize(
+    ("section", "key", "value", "needles"),
+    [
+        (None, "trust_remote_code", "yes", ("'trust_remote_code' must be bool", "str 'yes'")),
+        ("datasets.code", "validation_fraction", 1.5, ("datasets.code.validation_fraction",)),
+        ("finetune", "batch_size", "8", ("'finetune.batch_size' must be int", "str '8'")),
+        ("finetune", "max_failures", -1, ("'finetune.max_failures' must be >= 0",)),
+        ("finetune", "checkpoint_every", 0, ("'finetune.checkpoint_every' must be > 0",)),
+        ("search", "num_trials", 0, ("'search.num_trials' must be > 0",)),
+        ("search", "algorithm", "bayes", ("'search.algorithm' is 'bayes'", "tpe, cmaes")),
+        ("evaluator", "vector_dtype", "float8", ("'evaluator.vector_dtype'", "bfloat16")),
+        ("evaluator", "num_actors", 1.5, ("'evaluator.num_actors' must be int", "float 1.5")),
+        ("cost", "usd_per_gpu_hour", -3, ("'cost.usd_per_gpu_hour' must be >= 0",)),
+        ("baseline", "grid_step", 0.3, ("'baseline.grid_step' must divide 1",)),
+    ],
+)
+def test_wrong_type_or_range_in_each_section(capsys, setup, section, key, value, needles):
+    raw, _, _, _ = setup
+    target = raw
+    for part in (section or "").split("."):
+        if part:
+            target = target.setdefault(part, {})
+    target[key] = value
+    expect_error(capsys, setup, raw, "config.yaml", *needles)
+
+
+def test_two_datasets_with_the_same_name(capsys, setup):
+    raw, write, run_dir, _ = setup
+    path = write(raw)
+    text = path.read_text()
+    # JSON is YAML: repeat the "code" entry under the same key, as a copy-paste slip would.
+    code_entry = json.dumps({"code": raw["datasets"]["code"]})[1:-1]
+    path.write_text(text.replace('"datasets": {', '"datasets": {' + code_entry + ", ", 1))
+    before = snapshot(run_dir)
+    code, err = run_cli(capsys, "run", path)
+    assert code == 2
+    assert str(path) in err and "'code' appears twice" in err
+    assert_untouched(before, snapshot(run_dir))
+
+
+def test_zero_usable_training_rows_after_tokenization(capsys, setup, tmp_path):
+    raw, _, run_dir, data = setup
+    raw["datasets"]["letters"]["validation_path"] = str(data["letters"])
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "a b"}) + "\n")
+    raw["datasets"]["letters"]["path"] = str(short)
+    expect_error(capsys, setup, raw, "dataset 'letters'", str(short), "training tokens")
+    assert not (run_dir / "finetune").exists()
+
+
+def test_search_space_with_empty_bounds(capsys, setup, tmp_path):
+    raw, _, _, _ = setup
+    space = tmp_path / "narrow.yaml"
+    space.write_text("type: box\ndefault_bounds: [0.0, 1.0]\nbounds:\n  code: [0.5, 0.5]\n")
+    raw["search"]["space"] = str(space)
+    expect_error(capsys, setup, raw, str(space), "bounds.code", "is empty")
+
+
+def test_run_dir_that_is_not_writable(capsys, setup, tmp_path):
+    raw, _, _, _ = setup
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    raw["run_dir"] = str(blocker / "run")  # cannot be created, even by root
+    expect_error(capsys, setup, raw, str(blocker / "run"), "not writable", "set run_dir")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_gguf_of_an_unsupported_architecture(capsys, setup, tmp_path):
+    import gguf
+    import numpy as np
+
+    raw, _, run_dir, _ = setup
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="dem-ray-unknown")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    raw["base_model"] = str(path)
+    expect_error(capsys, setup, raw, str(path), "cannot be loaded", "dem-ray-unknown")
+    assert not (run_dir / "base").exists()
+
+
+# ---- bad checkpoints and vectors: a run through `vectors` made without training -----------------
+@pytest.fixture
+def stood_in(setup, tmp_path):
+    raw, write, run_dir, data = setup
+    pipeline = stand_in_run(raw, tmp_path / "config.yaml")
+    return pipeline, setup
+
+
+def test_merge_weights_outside_the_space(capsys, stood_in):
+    pipeline, setup = stood_in
+    raw, write, run_dir, _ = setup
+    before = snapshot(run_dir)
+    code, err = run_cli(capsys, "merge", write(raw), "--weights", "numbers=1.5,letters=-0.5,code=0")
+    assert code == 2 and "letters" in err and "-0.5" in err
+    assert_untouched(before, snapshot(run_dir))
+    assert not (run_dir / "merged" / "config.json").exists()  # the earlier model stands
+
+
+def test_nan_in_a_vector_is_refused_naming_file_and_tensor(capsys, stood_in):
+    pipeline, setup = stood_in
+    raw, write, run_dir, _ = setup
+    vector = pipeline.vector_path("code")
+    tensors = load_file(vector)
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, vector)
+    pipeline.manifest.record("vectors/code", pipeline.manifest.entry("vectors/code")["inputs"],
+                             [vector])  # fmt: skip
+    before = snapshot(run_dir)
+    code, err = run_cli(
+        capsys, "merge", write(raw), "--weights", "numbers=0.2,letters=0.3,code=0.5"
+    )
+    assert code == 2
+    assert str(vector) in err and "model.norm.weight" in err and "NaN or Inf" in err
+    assert_untouched(before, snapshot(run_dir))
+
+
+def test_inf_in_a_finetuned_checkpoint_is_refused(capsys, stood_in):
+    pipeline, setup = stood_in
+    raw, write, run_dir, _ = setup
+    ckpt = pipeline.finetune_dir("letters") / "model.safetensors"
+    tensors = load_file(ckpt)
+    tensors["model.norm.weight"][0] = float("inf")
+    save_file(tensors, ckpt, metadata={"format": "pt"})
+    _rerecord_finetune(pipeline, "letters")
+    before = snapshot(run_dir)
+    code, err = run_cli(capsys, "vectors", write(raw))
+    assert code == 2
+    assert str(pipeline.finetune_dir("letters")) in err and "model.norm.weight" in err
+    assert "NaN or Inf" in err and "learning_rate" in err
+    assert_untouched(before, snapshot(run_dir))
+
+
+def test_finetune_with_another_tokenizer_is_refused(capsys, stood_in):
+    pipeline, setup = stood_in
+    raw, write, run_dir, _ = setup
+    tok = pipeline.finetune_dir("code") / "tokenizer.json"
+    spec = json.loads(tok.read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[10], list(vocab)[11]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped
+    tok.write_text(json.dumps(spec))
+    _rerecord_finetune(pipeline, "code")
+    before = snapshot(run_dir)
+    code, err = run_cli(capsys, "vectors", write(raw))
+    assert code == 2
+    assert str(pipeline.finetune_dir("code")) in err and "another vocabulary" in err
+    assert "2 mapped differently" in err
+    assert_untouched(before, snapshot(run_dir))
+
+
+def test_pickle_only_finetune_is_refused(capsys, stood_in):
+    pipeline, setup = stood_in
+    raw, write, run_dir, _ = setup
+    ft = pipeline.finetune_dir("numbers")
+    (ft / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(1)}, ft / "pytorch_model.bin")
+    _rerecord_finetune(pipeline, "numbers")
+    before = snapshot(run_dir)
+    code, err = run_cli(capsys, "vectors", write(raw))
+    assert code == 2
+    assert str(ft) in err and "pytorch_model.bin" in err and "safe_serialization=True" in err
+    assert_untouched(before, snapshot(run_dir))
+
+
+def _rerecord_finetune(pipeline, name: str) -> None:
+    """Record an edited fine-tune as the stage's output, so only the edit is at fault, and
+    invalidate its vector so the vectors stage reads it."""
+    pipeline.manifest.record(f"finetune/{name}", pipeline._finetune_inputs(name),
+                             [pipeline.finetune_dir(name)])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [
+        ("scoring", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+        ("loading", RuntimeError("[enforce fail] DefaultCPUAllocator: out of memory")),
+    ],
+)
+def test_evaluator_out_of_memory_says_what_to_change(stood_in, monkeypatch, where, error):
+    from dem_ray import evaluator as ev
+
+    pipeline, (_, _, run_dir, _) = stood_in
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ev, "token_nll" if where == "scoring" else "ResidentMerge", fail)
+    before = snapshot(run_dir)
+    with pytest.raises(ev.EvaluatorMemoryError) as info:
+        e = ev.Evaluator(
+            str(pipeline.base_dir),
+            [str(pipeline.vector_path(n)) for n in pipeline.names],
+            {n: str(pipeline.shard_path(n, "validation")) for n in pipeline.names},
+            device="cpu",
+        )
+        e.evaluate([0.3, 0.3, 0.4])
+    message = str(info.value)
+    assert "out of memory" in message and f"while {where}" in message
+    assert "evaluator.vector_dtype: bfloat16" in message and "evaluator.num_actors" in message
+    assert_untouched(before, snapshot(run_dir))
+
+
+def test_other_runtime_errors_are_not_mistaken_for_out_of_memory(stood_in, monkeypatch):
+    from dem_ray import evaluator as ev
+
+    pipeline, _ = stood_in
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(ev, "token_nll", fail)
+    e = ev.Evaluator(str(pipeline.base_dir), [str(pipeline.vector_path(n)) for n in pipeline.names],
+                     {"code": str(pipeline.shard_path("code", "validation"))}, device="cpu")  # fmt: skip
+    with pytest.raises(RuntimeError, match="shape mismatch") as info:
+        e.evaluate([0.3, 0.3, 0.4])
+    assert not isinstance(info.value, ev.EvaluatorMemoryError)
+
+
+def test_evaluate_checkpoint_refuses_pickles(stood_in, tmp_path):
+    from dem_ray.evaluator import Evaluator
+    from dem_ray.models import ModelError
+
+    pipeline, _ = stood_in
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(pipeline.base_dir / "config.json", pickled / "config.json")
+    torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    e = Evaluator(str(pipeline.base_dir), [], {"code": str(pipeline.shard_path("code", "validation"))},
+                  device="cpu")  # fmt: skip
+    with pytest.raises(ModelError, match="pytorch_model.bin.*refuses pickles"):
+        e.evaluate_checkpoint(str(pickled))
+
+
+# ---- safety -------------------------------------------------------------------------------------
+def test_no_config_value_reaches_a_shell():
+    """No subprocess, os.system/popen/exec*, eval or exec in the package: no config
+    string can become a command."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "dem_ray"
+    found = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                modules = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                found += [(path.name, m) for m in modules if m.split(".")[0] == "subprocess"]
+            elif isinstance(node, ast.Call):
+                f = node.func
+                if isinstance(f, ast.Name) and f.id in ("eval", "exec"):
+                    found.append((path.name, f.id))
+                if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                    name = f"{f.value.id}.{f.attr}"
+                    if f.value.id == "os" and (f.attr in ("system", "popen") or
+                                               f.attr.startswith(("exec", "spawn"))):  # fmt: skip
+                        found.append((path.name, name))
+    assert found == []
+
+
+def test_trust_remote_code_is_off_unless_the_config_says_so(setup):
+    from dem_ray.config import parse_config
+
+    raw, _, _, _ = setup
+    assert parse_config(raw).trust_remote_code is False
+    assert parse_config({**raw, "trust_remote_code": True}).trust_remote_code is True

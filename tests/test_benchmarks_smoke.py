@@ -119,3 +119,16 @@ def test_cuda_refused_clearly(tmp_path):
     done = run("merge_bandwidth.py", *SMALL, "--device", "cuda", tmp_path=tmp_path, check=False)
     assert done.returncode != 0
     assert "sees no CUDA device" in done.stderr
+
+
+def test_search_load(tmp_path):
+    """A search that resumes on the same evaluator pool; the figures are all there."""
+    out = tmp_path / "sl.json"
+    args = ["--size", "tiny", "--threads", "1", "--trials", "12", "--first", "4"]
+    args += ["--concurrent", "2", "--rows", "2", "--seq-len", "32"]
+    done = run("search_load.py", *args, "--json", str(out), tmp_path=tmp_path)
+    for figure in ("evaluator RSS MiB", "trials/s", "after 12 / after 4 trials"):
+        assert figure in done.stdout, figure
+    figures = json.loads(out.read_text())
+    assert figures["calls"] == 12  # resumed: the first 4 trials were not evaluated again
+    assert figures["rss_first_bytes"] > 0 and figures["rss_all_bytes"] > 0
