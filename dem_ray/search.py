@@ -310,10 +310,6 @@ def _point_key(weights: dict) -> tuple:
     return tuple(sorted((k, round(float(v), 9)) for k, v in weights.items()))
 
 
-def _any_finite(trials: list[dict] | None) -> bool:
-    return any(math.isfinite(t["objective"]) for t in trials or [])
-
-
 def warm_start_points(
     earlier: list[dict], space: Space, limit: int
 ) -> tuple[list[dict[str, float]], list[str]]:
