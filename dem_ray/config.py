@@ -49,6 +49,10 @@ class FinetuneConfig:
     max_concurrent: int | None = None
     log_every: int = 10
     seed: int = 0
+    # Placement: what each worker asks Ray for besides CPUs and GPUs (see dem_ray/placement.py).
+    memory_gb: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class EvaluatorConfig:
     max_validation_sequences: int | None = 64
     vector_dtype: str = "float32"
     torch_threads: int | None = None
+    memory_gb: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +278,8 @@ def _check_ranges(c: RunConfig) -> None:
         _positive(f.torch_threads, s, "finetune.torch_threads")
     if f.max_concurrent is not None:
         _positive(f.max_concurrent, s, "finetune.max_concurrent")
+    _check_placement(f.memory_gb, f.resources, f.accelerator_type, f.gpus_per_worker, s,
+                     "finetune", "gpus_per_worker")  # fmt: skip
     r = c.search
     _choice(r.algorithm, ALGORITHMS, s, "search.algorithm")
     _choice(r.objective, OBJECTIVES, s, "search.objective")
@@ -290,6 +299,49 @@ def _check_ranges(c: RunConfig) -> None:
     _choice(e.vector_dtype, VECTOR_DTYPES, s, "evaluator.vector_dtype")
     if e.torch_threads is not None:
         _positive(e.torch_threads, s, "evaluator.torch_threads")
+    _check_placement(e.memory_gb, e.resources, e.accelerator_type, e.gpus_per_actor, s,
+                     "evaluator", "gpus_per_actor")  # fmt: skip
+
+
+def _check_placement(
+    memory_gb: float | None,
+    resources: dict[str, float],
+    accelerator_type: str | None,
+    gpus: float,
+    s: str,
+    section: str,
+    gpu_key: str,
+) -> None:
+    """What a worker asks Ray for must be schedulable, or the autoscaler waits forever."""
+    if memory_gb is not None:
+        _positive(memory_gb, s, f"{section}.memory_gb")
+    for name, amount in resources.items():
+        key = f"{section}.resources.{name}"
+        own = {
+            "cpu": gpu_key.replace("gpus", "cpus"),
+            "gpu": gpu_key,
+            "memory": "memory_gb",
+            "object_store_memory": None,
+        }
+        if name.lower() in own:
+            instead = f"set '{section}.{own[name.lower()]}' instead" if own[name.lower()] else (
+                "Ray sizes the object store per node, not per task")  # fmt: skip
+            raise ConfigError(f"{s}: '{key}': '{name}' is not a custom resource; {instead}")
+        if name.startswith("accelerator_type:"):
+            raise ConfigError(
+                f"{s}: '{key}': set the accelerator with '{section}.accelerator_type' instead"
+            )
+        _positive(amount, s, key)
+    if accelerator_type is not None:
+        if not accelerator_type.strip():
+            raise ConfigError(f"{s}: '{section}.accelerator_type' is empty; remove it or name "
+                              "one (e.g. A100, H100, L4)")  # fmt: skip
+        if gpus <= 0:
+            raise ConfigError(
+                f"{s}: '{section}.accelerator_type' is {accelerator_type!r} but "
+                f"'{section}.{gpu_key}' is 0; an accelerator type only selects GPU nodes, so "
+                f"set {section}.{gpu_key} > 0 (or remove accelerator_type)"
+            )
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -314,7 +366,9 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 
 
 def _typed(value: Any, hint: Any, source: str, key: str) -> Any:
-    """Check one value against a simple type hint (int, float, str, bool, X | None)."""
+    """Check one value against a simple type hint (int, float, str, bool, X | None, dict)."""
+    if get_origin(hint) is dict:
+        return _typed_mapping(value, hint, source, key)
     options = get_args(hint) if get_origin(hint) is not None else (hint,)
     if value is None and type(None) in options:
         return None
@@ -329,6 +383,24 @@ def _typed(value: Any, hint: Any, source: str, key: str) -> Any:
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{source}: '{key}' must be {wanted}, got {_kind(value)} {value!r}")
+
+
+def _typed_mapping(value: Any, hint: Any, source: str, key: str) -> dict:
+    """A {name: value} mapping, e.g. custom resources {"node_a": 1}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{source}: '{key}' must be a mapping of names to numbers, e.g. {{my_resource: 1}}, "
+            f"got {_kind(value)} {value!r}"
+        )
+    key_hint, value_hint = get_args(hint)
+    out = {}
+    for name, item in value.items():
+        if not isinstance(name, key_hint) or not name:
+            raise ConfigError(f"{source}: '{key}' has a key {name!r} that is not a name")
+        out[name] = _typed(item, value_hint, source, f"{key}.{name}")
+    return out
 
 
 def _check_keys(raw: dict, known: list[str], source: str, prefix: str) -> None:
