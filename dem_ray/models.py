@@ -75,10 +75,14 @@ def materialize_base(spec: str, out_dir: Path, trust_remote_code: bool = False) 
     if kind == "hub":
         from huggingface_hub import snapshot_download
 
-        log.info("fetching %s from the Hugging Face Hub", spec)
+        # Into the run directory, not the driver's HF cache: on a cluster every node reads
+        # the base from there.
+        log.info("fetching %s from the Hugging Face Hub into %s", spec, out_dir)
         local = Path(
             snapshot_download(
-                spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+                spec,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                local_dir=out_dir,
             )
         )
     else:
