@@ -8,31 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobStatus
 
 BIN = Path(sys.executable).parent
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def head_env() -> dict[str, str]:
+def head_env(temp_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(
+        # `ray start` notes the head's address under RAY_TMPDIR, not in /tmp/ray where a plain
+        # `ray.init()` elsewhere on this host would find and join it.
+        RAY_TMPDIR=str(temp_dir),
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `dem-ray` for the job's entrypoint
         RAY_AUTH_MODE="disabled",
         OMP_NUM_THREADS="1",
@@ -44,12 +38,13 @@ def head_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head(tmp_path_factory, free_ports):
     """A head with the dashboard (the Jobs API) on 127.0.0.1; yields its dashboard URL."""
     from ray.job_submission import JobSubmissionClient
 
     gcs, dashboard, agent, client = free_ports(4)
     temp_dir = Path("/tmp") / f"demray-job-{os.getpid()}"
+    (temp_dir / "ray").mkdir(parents=True, exist_ok=True)  # where RAY_TMPDIR notes the address
     log = (tmp_path_factory.mktemp("head") / "ray_start.log").open("w")
     process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block",
@@ -57,7 +52,7 @@ def ray_head(tmp_path_factory):
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
          f"--temp-dir={temp_dir}", "--num-cpus=4", "--disable-usage-stats"],
-        env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=head_env(temp_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{dashboard}"
     try:
@@ -66,41 +61,45 @@ def ray_head(tmp_path_factory):
             if process.poll() is not None:
                 pytest.fail(f"ray start exited {process.returncode}; see {log.name}")
             try:
-                JobSubmissionClient(url).list_jobs()
+                JobSubmissionClient(url).list_jobs()  # the dashboard answers
                 break
             except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        yield url
+        yield url, temp_dir
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(url: str, working_dir: Path, *entrypoint: str) -> subprocess.CompletedProcess:
+def submit(
+    head: tuple[str, Path], working_dir: Path, *entrypoint: str
+) -> subprocess.CompletedProcess:
     """The command a user types: waits for the job and streams its log."""
+    url, temp_dir = head
     return subprocess.run(
         [str(BIN / "ray"), "job", "submit", f"--address={url}",
          f"--working-dir={working_dir}", "--", *entrypoint],
-        env=head_env(), capture_output=True, text=True, timeout=420,
+        env=head_env(temp_dir), capture_output=True, text=True, timeout=420,
     )  # fmt: skip
 
 
-def job_of(url: str, output: str) -> tuple[str, str]:
+def job_of(head: tuple[str, Path], output: str) -> tuple[JobStatus, str]:
     """The status and full log of the job that `ray job submit` printed the id of."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(url)
+    client = JobSubmissionClient(head[0])
     marker = "Job 'raysubmit_"
     start = output.index(marker) + len("Job '")
     job_id = output[start : output.index("'", start)]
-    return str(client.get_job_status(job_id)), client.get_job_logs(job_id)
+    return client.get_job_status(job_id), client.get_job_logs(job_id)
 
 
 def test_job_runs_the_pipeline(ray_head, tiny_base, tiny_data, make_config, tmp_path):
@@ -116,7 +115,7 @@ def test_job_runs_the_pipeline(ray_head, tiny_base, tiny_data, make_config, tmp_
 
     done = submit(ray_head, job_dir, "dem-ray", "run", "config.yaml")
     status, logs = job_of(ray_head, done.stdout + done.stderr)
-    assert status == "JobStatus.SUCCEEDED" or status == "SUCCEEDED", logs[-3000:]
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
     # Progress reached the job log: stages, fine-tune steps, search trials, the answer.
     for line in (
@@ -150,7 +149,7 @@ def test_bad_config_job_fails_fast_with_the_error(ray_head, tmp_path):
     start = time.monotonic()
     done = submit(ray_head, job_dir, "dem-ray", "run", "bad.yaml")
     status, logs = job_of(ray_head, done.stdout + done.stderr)
-    assert status in ("JobStatus.FAILED", "FAILED"), logs
+    assert status == JobStatus.FAILED, logs
     assert "bad.yaml: unknown key 'finetune.learning_rat'; did you mean 'learning_rate'?" in logs
     assert done.returncode != 0
     assert time.monotonic() - start < 60
