@@ -321,21 +321,22 @@ def _check_placement(
     """What a worker asks Ray for must be schedulable, or the autoscaler waits forever."""
     if memory_gb is not None:
         _positive(memory_gb, s, f"{section}.memory_gb")
+    dedicated = {
+        "cpu": f"{section}.{gpu_key.replace('gpus', 'cpus')}",
+        "gpu": f"{section}.{gpu_key}",
+        "memory": f"{section}.memory_gb",
+        "accelerator_type": f"{section}.accelerator_type",
+    }
     for name, amount in resources.items():
         key = f"{section}.resources.{name}"
-        own = {
-            "cpu": gpu_key.replace("gpus", "cpus"),
-            "gpu": gpu_key,
-            "memory": "memory_gb",
-            "object_store_memory": None,
-        }
-        if name.lower() in own:
-            instead = f"set '{section}.{own[name.lower()]}' instead" if own[name.lower()] else (
-                "Ray sizes the object store per node, not per task")  # fmt: skip
-            raise ConfigError(f"{s}: '{key}': '{name}' is not a custom resource; {instead}")
-        if name.startswith("accelerator_type:"):
+        kind = name.lower().partition(":")[0]
+        if kind in dedicated:
             raise ConfigError(
-                f"{s}: '{key}': set the accelerator with '{section}.accelerator_type' instead"
+                f"{s}: '{key}': '{name}' is not a custom resource; set '{dedicated[kind]}' instead"
+            )
+        if kind == "object_store_memory":
+            raise ConfigError(
+                f"{s}: '{key}': Ray sizes the object store per node, not per task; remove it"
             )
         _positive(amount, s, key)
     if accelerator_type is not None:

@@ -113,8 +113,12 @@ def test_trainers_that_fit_counts_every_resource(tmp_path: Path) -> None:
             "set 'evaluator.memory_gb' instead",
         ),
         (
+            {"evaluator": {"resources": {"object_store_memory": 1}}},
+            "Ray sizes the object store per node",
+        ),
+        (
             {"finetune": {"resources": {"accelerator_type:A100": 1}}},
-            "set the accelerator with 'finetune.accelerator_type' instead",
+            "set 'finetune.accelerator_type' instead",
         ),
         (
             {"finetune": {"accelerator_type": "A100"}},
