@@ -51,6 +51,10 @@ class FinetuneConfig:
     seed: int = 0
     max_failures: int = 2
     checkpoint_every: int = 100
+    # Placement: what each worker asks Ray for besides CPUs and GPUs (see dem_ray/placement.py).
+    memory_gb: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,9 @@ class EvaluatorConfig:
     vector_dtype: str = "float32"
     torch_threads: int | None = None
     autocast: str = "none"
+    memory_gb: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,12 @@ def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
         if raw.get(key) in (None, "", {}):
             raise ConfigError(f"{source}: missing required key '{key}'")
     run_dir = _typed(raw["run_dir"], str, source, "run_dir")
+    if "://" in run_dir:
+        raise ConfigError(
+            f"{source}: 'run_dir' is {run_dir!r}: a URI run directory (s3://, gs://) is not "
+            "supported yet; put run_dir on a file system that every node mounts at the same "
+            "path (NFS, EFS, Filestore; see cluster/README.md)"
+        )
     base_model = _parse_base_model(raw["base_model"], source)
     trust = _typed(raw.get("trust_remote_code", False), bool, source, "trust_remote_code")
 
@@ -340,6 +353,8 @@ def _check_ranges(c: RunConfig) -> None:
         _positive(f.torch_threads, s, "finetune.torch_threads")
     if f.max_concurrent is not None:
         _positive(f.max_concurrent, s, "finetune.max_concurrent")
+    _check_placement(f.memory_gb, f.resources, f.accelerator_type, f.gpus_per_worker, s,
+                     "finetune", "gpus_per_worker")  # fmt: skip
     r = c.search
     _choice(r.algorithm, ALGORITHMS, s, "search.algorithm")
     _choice(r.objective, OBJECTIVES, s, "search.objective")
@@ -377,6 +392,50 @@ def _check_ranges(c: RunConfig) -> None:
     _choice(e.autocast, AUTOCAST, s, "evaluator.autocast")
     if e.torch_threads is not None:
         _positive(e.torch_threads, s, "evaluator.torch_threads")
+    _check_placement(e.memory_gb, e.resources, e.accelerator_type, e.gpus_per_actor, s,
+                     "evaluator", "gpus_per_actor")  # fmt: skip
+
+
+def _check_placement(
+    memory_gb: float | None,
+    resources: dict[str, float],
+    accelerator_type: str | None,
+    gpus: float,
+    s: str,
+    section: str,
+    gpu_key: str,
+) -> None:
+    """What a worker asks Ray for must be schedulable, or the autoscaler waits forever."""
+    if memory_gb is not None:
+        _positive(memory_gb, s, f"{section}.memory_gb")
+    dedicated = {
+        "cpu": f"{section}.{gpu_key.replace('gpus', 'cpus')}",
+        "gpu": f"{section}.{gpu_key}",
+        "memory": f"{section}.memory_gb",
+        "accelerator_type": f"{section}.accelerator_type",
+    }
+    for name, amount in resources.items():
+        key = f"{section}.resources.{name}"
+        kind = name.lower().partition(":")[0]
+        if kind in dedicated:
+            raise ConfigError(
+                f"{s}: '{key}': '{name}' is not a custom resource; set '{dedicated[kind]}' instead"
+            )
+        if kind == "object_store_memory":
+            raise ConfigError(
+                f"{s}: '{key}': Ray sizes the object store per node, not per task; remove it"
+            )
+        _positive(amount, s, key)
+    if accelerator_type is not None:
+        if not accelerator_type.strip():
+            raise ConfigError(f"{s}: '{section}.accelerator_type' is empty; remove it or name "
+                              "one (e.g. A100, H100, L4)")  # fmt: skip
+        if gpus <= 0:
+            raise ConfigError(
+                f"{s}: '{section}.accelerator_type' is {accelerator_type!r} but "
+                f"'{section}.{gpu_key}' is 0; an accelerator type only selects GPU nodes, so "
+                f"set {section}.{gpu_key} > 0 (or remove accelerator_type)"
+            )
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -401,7 +460,9 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 
 
 def _typed(value: Any, hint: Any, source: str, key: str) -> Any:
-    """Check one value against a simple type hint (int, float, str, bool, X | None)."""
+    """Check one value against a simple type hint (int, float, str, bool, X | None, dict)."""
+    if get_origin(hint) is dict:
+        return _typed_mapping(value, hint, source, key)
     options = get_args(hint) if get_origin(hint) is not None else (hint,)
     if value is None and type(None) in options:
         return None
@@ -416,6 +477,24 @@ def _typed(value: Any, hint: Any, source: str, key: str) -> Any:
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{source}: '{key}' must be {wanted}, got {_kind(value)} {value!r}")
+
+
+def _typed_mapping(value: Any, hint: Any, source: str, key: str) -> dict:
+    """A {name: value} mapping, e.g. custom resources {"node_a": 1}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{source}: '{key}' must be a mapping of names to numbers, e.g. {{my_resource: 1}}, "
+            f"got {_kind(value)} {value!r}"
+        )
+    key_hint, value_hint = get_args(hint)
+    out = {}
+    for name, item in value.items():
+        if not isinstance(name, key_hint) or not name:
+            raise ConfigError(f"{source}: '{key}' has a key {name!r} that is not a name")
+        out[name] = _typed(item, value_hint, source, f"{key}.{name}")
+    return out
 
 
 def _check_keys(raw: dict, known: list[str], source: str, prefix: str) -> None:

@@ -176,17 +176,23 @@ def start_pool(
     kwargs: dict,
     cpus: float = 1.0,
     gpus: float = 0.0,
+    placement: dict | None = None,
 ) -> list:
-    """Start `count` evaluator actors, spread over nodes, and wait until all are loaded."""
+    """Start `count` evaluator actors, spread over nodes, and wait until all are loaded.
+
+    `placement`: further `.options()` (memory, custom resources, accelerator_type).
+    """
     options = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 2, "max_task_retries": 2}
+    options.update(placement or {})
     if count > 1:
         options["scheduling_strategy"] = "SPREAD"
     actors = [EvaluatorActor.options(**options).remote(**kwargs) for _ in range(count)]
     infos = ray.get([a.info.remote() for a in actors])
     for info in infos:
         log.info(
-            "evaluator ready on %s (pid %s): validation tokens %s",
+            "evaluator ready on %s (node %s, pid %s): validation tokens %s",
             info["device"],
+            info["node_id"],
             info["pid"],
             info["validation_tokens"],
         )

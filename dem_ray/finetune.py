@@ -17,11 +17,12 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from dem_ray.config import FinetuneConfig
 from dem_ray.models import copy_tokenizer, replace_dir
+from dem_ray.placement import scaling_config, trainers_that_fit
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ def train_loop(config: dict) -> None:
         "resumed_from_step": start_step,
         "workers": world,
         "device": device.type,
+        "node_id": ray.get_runtime_context().get_node_id(),
     }
 
     def save_final(out: Path) -> None:
@@ -241,11 +243,7 @@ def concurrency_that_fits(hp: FinetuneConfig) -> int:
     launching more trainers than fit would fail the rest; on an autoscaling cluster
     set `finetune.max_concurrent` to what the autoscaler may add.
     """
-    free = ray.available_resources()
-    fits = int(free.get("CPU", 0) // (hp.cpus_per_worker * hp.num_workers))
-    if hp.gpus_per_worker:
-        fits = min(fits, int(free.get("GPU", 0) // (hp.gpus_per_worker * hp.num_workers)))
-    return max(fits, 1)
+    return trainers_that_fit(hp, ray.available_resources())
 
 
 def _sum_over_workers(value: float, world: int, device: torch.device) -> float:
@@ -272,9 +270,6 @@ def run_finetunes(
     def fit(job: FinetuneJob, start: float) -> None:
         """`start` is when the job was launched: its wall time includes waiting for a slot."""
         try:
-            resources = {"CPU": hp.cpus_per_worker}
-            if hp.gpus_per_worker:
-                resources["GPU"] = hp.gpus_per_worker
             trainer = TorchTrainer(
                 train_loop,
                 train_loop_config={
@@ -286,11 +281,7 @@ def run_finetunes(
                     "finetune": asdict(hp),
                     "fault": fault_for(job.name, storage_dir),
                 },
-                scaling_config=ScalingConfig(
-                    num_workers=hp.num_workers,
-                    use_gpu=hp.gpus_per_worker > 0,
-                    resources_per_worker=resources,
-                ),
+                scaling_config=scaling_config(hp),
                 run_config=RunConfig(
                     name=f"finetune-{job.name}-{time.time_ns()}",
                     storage_path=str(storage_dir),

@@ -113,10 +113,14 @@ def materialize_base(
         from huggingface_hub import snapshot_download
 
         hub_id = as_base_spec(spec).location
-        log.info("fetching %s from the Hugging Face Hub", hub_id)
+        # Into the run directory, not the driver's HF cache: on a cluster every node reads
+        # the base from there.
+        log.info("fetching %s from the Hugging Face Hub into %s", hub_id, out_dir)
         local = Path(
             snapshot_download(
-                hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+                hub_id,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                local_dir=out_dir,
             )
         )
     else:

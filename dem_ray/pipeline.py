@@ -275,6 +275,9 @@ class Pipeline:
             "max_concurrent",
             "max_failures",
             "checkpoint_every",
+            "memory_gb",
+            "resources",
+            "accelerator_type",
         ):
             hp.pop(key)
         return hp
@@ -323,7 +326,11 @@ class Pipeline:
                         "wall_seconds": m["wall_seconds"],
                         "device": m["device"],
                     },
-                    extra={"final_loss": m["final_loss"], "steps": m["steps"]},
+                    extra={
+                        "final_loss": m["final_loss"],
+                        "steps": m["steps"],
+                        "node_id": m.get("node_id"),
+                    },  # fmt: skip
                 )
         if errors:
             name, exc = next(iter(errors.items()))
@@ -362,6 +369,7 @@ class Pipeline:
     def pool(self, need_vectors: bool = True) -> list:
         """The evaluator actors; without the vectors they can still score checkpoints."""
         from dem_ray.evaluator import start_pool
+        from dem_ray.placement import actor_options
 
         ev = self.cfg.evaluator
         have_vectors = all(self._is_recorded(f"vectors/{n}") for n in self.names)
@@ -390,7 +398,8 @@ class Pipeline:
             "trust_remote_code": self.cfg.trust_remote_code,
         }
         log.info("starting %d evaluator actor(s)", ev.num_actors)
-        self._pool = start_pool(ev.num_actors, kwargs, ev.cpus_per_actor, ev.gpus_per_actor)
+        self._pool = start_pool(ev.num_actors, kwargs, ev.cpus_per_actor, ev.gpus_per_actor,
+                                placement=actor_options(ev))  # fmt: skip
         self._pool_key = key
         self._pool_device = ray.get(self._pool[0].info.remote())["device"]
         return self._pool

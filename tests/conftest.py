@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,19 @@ def stand_in_run(raw: dict, config_path: Path, noise: float = 0.02):
         pipeline.manifest.record(f"finetune/{name}", pipeline._finetune_inputs(name), [out])
     pipeline.stage_vectors()
     return pipeline
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on loopback now, for a Ray head the test starts and stops itself."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    return _free_ports

@@ -1,0 +1,156 @@
+"""`ray job submit -- dem-ray run CONFIG` against a head started with `ray start --head`.
+
+The head runs in its own process group on loopback ports picked here, and only that group is
+stopped at the end (never `ray stop`, which would stop every Ray on the host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobStatus
+
+BIN = Path(sys.executable).parent
+
+
+def head_env(temp_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(
+        # `ray start` notes the head's address under RAY_TMPDIR, not in /tmp/ray where a plain
+        # `ray.init()` elsewhere on this host would find and join it.
+        RAY_TMPDIR=str(temp_dir),
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `dem-ray` for the job's entrypoint
+        RAY_AUTH_MODE="disabled",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, free_ports):
+    """A head with the dashboard (the Jobs API) on 127.0.0.1; yields its dashboard URL."""
+    from ray.job_submission import JobSubmissionClient
+
+    gcs, dashboard, agent, client = free_ports(4)
+    temp_dir = Path("/tmp") / f"demray-job-{os.getpid()}"
+    (temp_dir / "ray").mkdir(parents=True, exist_ok=True)  # where RAY_TMPDIR notes the address
+    log = (tmp_path_factory.mktemp("head") / "ray_start.log").open("w")
+    process = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+         f"--temp-dir={temp_dir}", "--num-cpus=4", "--disable-usage-stats"],
+        env=head_env(temp_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ray start exited {process.returncode}; see {log.name}")
+            try:
+                JobSubmissionClient(url).list_jobs()  # the dashboard answers
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield url, temp_dir
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(
+    head: tuple[str, Path], working_dir: Path, *entrypoint: str
+) -> subprocess.CompletedProcess:
+    """The command a user types: waits for the job and streams its log."""
+    url, temp_dir = head
+    return subprocess.run(
+        [str(BIN / "ray"), "job", "submit", f"--address={url}",
+         f"--working-dir={working_dir}", "--", *entrypoint],
+        env=head_env(temp_dir), capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+
+
+def job_of(head: tuple[str, Path], output: str) -> tuple[JobStatus, str]:
+    """The status and full log of the job that `ray job submit` printed the id of."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head[0])
+    marker = "Job 'raysubmit_"
+    start = output.index(marker) + len("Job '")
+    job_id = output[start : output.index("'", start)]
+    return client.get_job_status(job_id), client.get_job_logs(job_id)
+
+
+def test_job_runs_the_pipeline(ray_head, tiny_base, tiny_data, make_config, tmp_path):
+    run_dir = tmp_path / "run"
+    data = {n: tiny_data[n] for n in ("numbers", "letters")}
+    raw = make_config(
+        run_dir, tiny_base, data,
+        finetune={"max_steps": 4, "log_every": 2}, search={"num_trials": 3},
+    )  # fmt: skip
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "config.yaml").write_text(json.dumps(raw))
+
+    done = submit(ray_head, job_dir, "dem-ray", "run", "config.yaml")
+    status, logs = job_of(ray_head, done.stdout + done.stderr)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Progress reached the job log: stages, fine-tune steps, search trials, the answer.
+    for line in (
+        "stage finetune/numbers: running",
+        "[finetune numbers] step 4/4",
+        "search: trial 3/3 objective",
+        "search done: best objective",
+        "best weights:",
+    ):
+        assert line in logs, f"{line!r} missing from the job log:\n{logs[-3000:]}"
+    for path in (
+        "manifest.json",
+        "finetune/numbers/model.safetensors",
+        "vectors/letters.safetensors",
+        "search/trials.jsonl",
+        "merged/model.safetensors",
+        "report/report.json",
+    ):
+        assert (run_dir / path).is_file(), path
+    trials = (run_dir / "search" / "trials.jsonl").read_text().splitlines()
+    assert len(trials) == 3
+
+
+def test_bad_config_job_fails_fast_with_the_error(ray_head, tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "bad.yaml").write_text(
+        "run_dir: /tmp/never\nbase_model: m\ndatasets: {a: a.jsonl, b: b.jsonl}\n"
+        "finetune: {learning_rat: 0.1}\n"
+    )
+    start = time.monotonic()
+    done = submit(ray_head, job_dir, "dem-ray", "run", "bad.yaml")
+    status, logs = job_of(ray_head, done.stdout + done.stderr)
+    assert status == JobStatus.FAILED, logs
+    assert "bad.yaml: unknown key 'finetune.learning_rat'; did you mean 'learning_rate'?" in logs
+    assert done.returncode != 0
+    assert time.monotonic() - start < 60
+    assert not Path("/tmp/never").exists()
