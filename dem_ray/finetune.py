@@ -4,6 +4,7 @@ runs them all at once. Each saves its model as an HF directory (safetensors)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -98,18 +99,57 @@ def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
 
 
 def _save_state(model, optimizer, scheduler, step: int, device_seconds: float, out: Path) -> None:
-    """A resumable checkpoint: weights (safetensors) and optimizer/step state."""
+    """A resumable checkpoint: weights, optimizer tensors (safetensors) and step state (JSON).
+
+    Safetensors and JSON rather than `torch.save`: nothing dem-ray reads is a pickle.
+    """
+    from safetensors.torch import save_file
+
     model.save_pretrained(str(out), safe_serialization=True)
-    state = {
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    for index, fields in opt["state"].items():
+        for key, value in fields.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    meta = {
         "step": step,
         "device_seconds": device_seconds,
-        "optimizer": optimizer.state_dict(),
+        "param_groups": opt["param_groups"],
+        "plain_state": plain,
         "scheduler": scheduler.state_dict(),
     }
-    torch.save(state, out / TRAIN_STATE)
+    state_dir = out / TRAIN_STATE
+    state_dir.mkdir(exist_ok=True)
+    save_file(
+        tensors, str(state_dir / "optimizer.safetensors"), metadata={"meta": json.dumps(meta)}
+    )
 
 
-TRAIN_STATE = "dem_ray_train_state.pt"
+def _load_state(source: Path) -> dict:
+    """The inverse of `_save_state`: {step, device_seconds, optimizer, scheduler}."""
+    from safetensors import safe_open
+
+    with safe_open(str(source / TRAIN_STATE / "optimizer.safetensors"), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["meta"])
+        state: dict[int, dict] = {int(i): dict(v) for i, v in meta["plain_state"].items()}
+        for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = fh.get_tensor(name)
+    optimizer = {"state": state, "param_groups": meta["param_groups"]}
+    return {
+        "step": meta["step"],
+        "device_seconds": meta["device_seconds"],
+        "optimizer": optimizer,
+        "scheduler": meta["scheduler"],
+    }
+
+
+# A sub-directory, so that a checkpoint's top-level *.safetensors are the model's alone.
+TRAIN_STATE = "dem_ray_train_state"
 
 
 def train_loop(config: dict) -> None:
@@ -141,7 +181,7 @@ def train_loop(config: dict) -> None:
         source, state = config["base_dir"], None
         if checkpoint is not None:
             source = stack.enter_context(checkpoint.as_directory())
-            state = torch.load(Path(source) / TRAIN_STATE, weights_only=True)
+            state = _load_state(Path(source))
         model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
         model.train()
         model = rt.prepare_model(model)
@@ -299,7 +339,8 @@ def run_finetunes(
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             shutil.rmtree(tmp)
             with result.checkpoint.as_directory() as ckpt:
-                shutil.copytree(ckpt, tmp)
+                # The model only: optimizer state is for resuming, not for the vectors.
+                shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE))
             replace_dir(tmp, out)
             shutil.rmtree(result.path, ignore_errors=True)
             metrics = dict(result.metrics)

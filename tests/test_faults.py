@@ -373,3 +373,42 @@ def test_truncated_vector_outside_the_manifest_is_named_by_safetensors(stand_in)
     vector.write_bytes(vector.read_bytes()[:100])
     with pytest.raises(VectorError, match=str(vector)):
         LazyTensors(vector)
+
+
+def test_train_state_round_trips_through_safetensors_and_json(tmp_path):
+    """A fine-tune's resumable state holds no pickle, and restores AdamW and its schedule."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dem_ray.finetune import TRAIN_STATE, _load_state, _save_state
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config)
+
+    def fresh():
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+
+    optimizer, scheduler = fresh()
+    for _ in range(3):
+        x = torch.randint(0, 50, (2, 8))
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    _save_state(model, optimizer, scheduler, 3, 1.5, tmp_path)
+    files = sorted(p.name for p in (tmp_path / TRAIN_STATE).iterdir())
+    assert files == ["optimizer.safetensors"]
+    state = _load_state(tmp_path)
+    assert (state["step"], state["device_seconds"]) == (3, 1.5)
+    restored, restored_schedule = fresh()
+    restored.load_state_dict(state["optimizer"])
+    restored_schedule.load_state_dict(state["scheduler"])
+    before, after = optimizer.state_dict(), restored.state_dict()
+    assert before["state"].keys() == after["state"].keys()
+    for index, fields in before["state"].items():
+        for key, value in fields.items():
+            assert torch.equal(value, after["state"][index][key]), (index, key)
+    assert restored_schedule.get_last_lr() == scheduler.get_last_lr()
+    assert restored_schedule.last_epoch == 3
