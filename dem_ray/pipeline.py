@@ -409,9 +409,30 @@ class Pipeline:
         return entry is not None and entry.get("status") == "done"
 
     def release_pool(self) -> None:
-        if self._pool is not None:
-            for actor in self._pool:
-                ray.kill(actor)
+        """Kill the evaluator actors and wait until Ray has their CPUs/GPUs back.
+
+        `ray.kill` returns before the resources are free; whoever counts free resources
+        next (the baseline's trainer launches) would otherwise see the actors' share as
+        taken and start fewer trainers at once.
+        """
+        if self._pool is None:
+            return
+        ev = self.cfg.evaluator
+        before = ray.available_resources()
+        for actor in self._pool:
+            ray.kill(actor)
+        want = {
+            "CPU": before.get("CPU", 0.0) + ev.cpus_per_actor * len(self._pool),
+            "GPU": before.get("GPU", 0.0) + ev.gpus_per_actor * len(self._pool),
+        }
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            free = ray.available_resources()
+            if all(free.get(k, 0.0) >= v - 1e-6 for k, v in want.items()):
+                break
+            time.sleep(0.1)
+        else:
+            log.warning("the evaluator actors' resources were not back after 15 s")
         self._pool = None
 
     def _eval_inputs(self) -> dict:

@@ -296,3 +296,15 @@ def test_adding_a_dataset_fine_tunes_only_it_and_warm_starts_the_search(
     assert 0 < update["fraction_of_rerun"]["device_seconds"] < 1
     markdown = (second.run_dir / "report" / "report.md").read_text()
     assert "## Cost of the last update" in markdown and "fine-tuned only code" in markdown
+
+
+def test_released_pool_gives_its_cpus_back_before_returning(finished):
+    import ray
+
+    pipeline, _, _ = finished
+    pipeline.release_pool()
+    free = ray.available_resources().get("CPU", 0.0)
+    pipeline.pool()
+    assert ray.available_resources().get("CPU", 0.0) == pytest.approx(free - 0.5)
+    pipeline.release_pool()  # the baseline counts free CPUs right after this to launch trainers
+    assert ray.available_resources().get("CPU", 0.0) == pytest.approx(free)
