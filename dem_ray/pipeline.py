@@ -512,20 +512,17 @@ class Pipeline:
         """After datasets were added or changed: the earlier search's best candidates first.
 
         Also says which datasets' vectors are new since that search, for the report's
-        cost of the update. (None, None) on a first search or a forced re-run.
+        cost of the update. ([], None) on a first search or a forced re-run.
         """
-        from dem_ray.search import read_trials, warm_start_points
+        from dem_ray.search import made_with, read_trials, warm_start_points
 
         if earlier is None:
             return [], None
         before = earlier.get("vectors", {})
-        updated = [
-            n for n in self.names if before.get(n) != self.manifest.outputs_hash(f"vectors/{n}")
-        ]
+        updated = [n for n, h in self._vector_hashes().items() if before.get(n) != h]
         points: list[dict] = []
         new: list[str] = []
-        marker = out / "trials.jsonl.inputs"
-        resuming = marker.exists() and marker.read_text().strip() == inputs
+        resuming = made_with(out / "trials.jsonl", inputs)
         if self.cfg.search.algorithm != "grid" and not resuming:
             earlier_trials = read_trials(out / "trials.jsonl")
             points, new = warm_start_points(earlier_trials, self._space, self.cfg.search.warm_start)

@@ -287,6 +287,16 @@ def resume_trials(path: Path, inputs: str, fresh: bool) -> list[dict]:
     return trials
 
 
+def made_with(path: Path, inputs: str) -> bool:
+    """Whether the trials in `path` were made by a search with these inputs (resumable)."""
+    marker = _inputs_marker(path)
+    return marker.exists() and marker.read_text().strip() == inputs
+
+
+def _inputs_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".inputs")
+
+
 def resume_hints(finished: list[dict], space: Space) -> dict:
     """OptunaSearch arguments that tell the sampler about trials already evaluated."""
     points, rewards = [], []
