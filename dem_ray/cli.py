@@ -6,16 +6,18 @@ import argparse
 import contextlib
 import logging
 import sys
-from pathlib import Path
 
 from dem_ray.config import ConfigError, load_config
 from dem_ray.data import DataError
 from dem_ray.merge import MergeError
 from dem_ray.models import ModelError
 from dem_ray.spaces import SpaceError
+from dem_ray.storage import StorageError
 from dem_ray.vectors import VectorError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, VectorError, SpaceError, MergeError)
+USER_ERRORS = (
+    ConfigError, DataError, ModelError, VectorError, SpaceError, MergeError, StorageError,
+)  # fmt: skip
 STAGE_HELP = {
     "run": "every stage, skipping those already done",
     "prepare": "materialize the base model and tokenize the datasets",
@@ -136,7 +138,7 @@ def _print_summary(pipeline) -> None:
     weights = ", ".join(f"{k}={v:.3f}" for k, v in report["best_weights"].items())
     print(f"best weights: {weights}")
     print(f"merged model: {report['artifacts']['merged_model']}")
-    print(f"report:       {Path(pipeline.run_dir) / 'report' / 'report.md'}")
+    print(f"report:       {pipeline.show(pipeline.run_dir / 'report' / 'report.md')}")
 
 
 def _corpora(args) -> int:

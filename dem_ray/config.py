@@ -221,12 +221,6 @@ def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
         if raw.get(key) in (None, "", {}):
             raise ConfigError(f"{source}: missing required key '{key}'")
     run_dir = _typed(raw["run_dir"], str, source, "run_dir")
-    if "://" in run_dir:
-        raise ConfigError(
-            f"{source}: 'run_dir' is {run_dir!r}: a URI run directory (s3://, gs://) is not "
-            "supported yet; put run_dir on a file system that every node mounts at the same "
-            "path (NFS, EFS, Filestore; see cluster/README.md)"
-        )
     base_model = _parse_base_model(raw["base_model"], source)
     trust = _typed(raw.get("trust_remote_code", False), bool, source, "trust_remote_code")
 

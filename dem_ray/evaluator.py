@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from dem_ray.merge import LazyTensors, ResidentMerge
 from dem_ray.models import check_model_dir, load_model
 from dem_ray.perplexity import token_nll
+from dem_ray.storage import RunPath, fetch
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,9 @@ class Evaluator:
 
     def __init__(
         self,
-        base_dir: str,
-        vector_paths: list[str],
-        shard_paths: dict[str, str],
+        base_dir: str | RunPath,
+        vector_paths: list[str | RunPath],
+        shard_paths: dict[str, str | RunPath],
         batch_size: int = 8,
         max_sequences: int | None = None,
         vector_dtype: str = "float32",
@@ -70,13 +71,13 @@ class Evaluator:
         self.device = device
         self.num_gpus = max(len(gpu_ids), 1) if self.device == "cuda" else 0
         with explain_out_of_memory(self.device, "loading the base and the vectors"):
-            self.model = load_model(Path(base_dir), self.device, trust_remote_code).eval()
+            self.model = load_model(fetch(base_dir), self.device, trust_remote_code).eval()
             self.merge = ResidentMerge(
-                self.model, [LazyTensors(Path(p)) for p in vector_paths], vector_dtype
+                self.model, [LazyTensors(fetch(p)) for p in vector_paths], vector_dtype
             )
         self.shards: dict[str, torch.Tensor] = {}
         for name, path in shard_paths.items():
-            rows = load_file(path)["input_ids"]
+            rows = load_file(fetch(path))["input_ids"]
             if max_sequences is not None:
                 rows = rows[:max_sequences]
             self.shards[name] = rows.to(self.device, dtype=torch.long)
@@ -108,11 +109,12 @@ class Evaluator:
                 self.merges += 1
             return self._score(start, part, parts)
 
-    def evaluate_checkpoint(self, model_dir: str) -> dict:
+    def evaluate_checkpoint(self, model_dir: str | RunPath) -> dict:
         """Score another checkpoint of the same architecture (a specialist, the merged model)."""
         start = self._clock()
-        check_model_dir(Path(model_dir), role="checkpoint")  # safetensors only, never pickles
-        files = sorted(Path(model_dir).glob("*.safetensors"))
+        model_dir = fetch(model_dir)
+        check_model_dir(model_dir, role="checkpoint")  # safetensors only, never pickles
+        files = sorted(model_dir.glob("*.safetensors"))
         state = {}
         for path in files:
             state.update(LazyTensors(path))

@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 from dem_ray.config import FinetuneConfig
 from dem_ray.models import copy_tokenizer, replace_dir
 from dem_ray.placement import scaling_config, trainers_that_fit
+from dem_ray.storage import RunPath, fetch
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ class FinetuneJob:
     """One training run: a single dataset (DEM) or a mixture of several (the baseline)."""
 
     name: str
-    base_dir: str
-    train_shards: dict[str, str]
-    out_dir: str
+    base_dir: str | RunPath  # RunPaths are fetched by the worker, on whichever node
+    train_shards: dict[str, str | RunPath]
+    out_dir: str  # on the driver: it copies the result there
     mixture: dict[str, float] | None = None  # sampling ratio per dataset; None: one dataset
     max_steps: int | None = None  # overrides FinetuneConfig.max_steps
 
@@ -172,13 +173,14 @@ def train_loop(config: dict) -> None:
         torch.set_num_threads(hp.torch_threads)
     torch.manual_seed(hp.seed)
     names = list(config["train_shards"])
-    shards = [load_file(config["train_shards"][n])["input_ids"] for n in names]
+    shards = [load_file(fetch(config["train_shards"][n]))["input_ids"] for n in names]
+    base_dir = fetch(config["base_dir"])
     mixture = config.get("mixture") or {names[0]: 1.0}
     probs = torch.tensor([mixture[n] for n in names], dtype=torch.float64)
     tag = f"[finetune {config['name']}]"
     with contextlib.ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
-        source, state = config["base_dir"], None
+        source, state = str(base_dir), None
         if checkpoint is not None:
             source = stack.enter_context(checkpoint.as_directory())
             state = _load_state(Path(source))
@@ -250,7 +252,7 @@ def train_loop(config: dict) -> None:
 
     def save_final(out: Path) -> None:
         _unwrap(model).save_pretrained(str(out), safe_serialization=True)
-        copy_tokenizer(Path(config["base_dir"]), out)
+        copy_tokenizer(base_dir, out)
 
     _report(model, rank, metrics, save_final)
 
@@ -297,13 +299,19 @@ def _sum_over_workers(value: float, world: int, device: torch.device) -> float:
 
 
 def run_finetunes(
-    jobs: list[FinetuneJob], hp: FinetuneConfig, storage_dir: Path
+    jobs: list[FinetuneJob],
+    hp: FinetuneConfig,
+    storage_dir: Path,
+    ray_storage: tuple[str, object] | None = None,
 ) -> tuple[dict[str, dict], dict[str, BaseException]]:
     """Fit every job concurrently; copy each result to its out_dir.
 
+    Ray Train keeps its checkpoints in `storage_dir`, or at `ray_storage` (a
+    `storage_path` and `storage_filesystem`, for a URI run directory) when given.
     Returns the measured metrics of the fine-tunes that finished and the errors of
     those that did not, so the finished ones are recorded even when one fails.
     """
+    storage_path, storage_fs = ray_storage or (str(storage_dir), None)
     results: dict[str, dict] = {}
     errors: dict[str, BaseException] = {}
 
@@ -324,7 +332,8 @@ def run_finetunes(
                 scaling_config=scaling_config(hp),
                 run_config=RunConfig(
                     name=f"finetune-{job.name}-{time.time_ns()}",
-                    storage_path=str(storage_dir),
+                    storage_path=storage_path,
+                    storage_filesystem=storage_fs,
                     failure_config=FailureConfig(max_failures=hp.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
                 ),
@@ -342,7 +351,8 @@ def run_finetunes(
                 # The model only: optimizer state is for resuming, not for the vectors.
                 shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE))
             replace_dir(tmp, out)
-            shutil.rmtree(result.path, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the run's checkpoints: no longer needed
+                result.filesystem.delete_dir(result.path)
             metrics = dict(result.metrics)
             metrics["wall_seconds"] = time.perf_counter() - start
             results[job.name] = metrics

@@ -13,7 +13,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dem_ray.storage import RunStorage
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 class Manifest:
-    def __init__(self, run_dir: Path) -> None:
+    """`storage` (a URI run's): each record uploads the stage's outputs, then the manifest."""
+
+    def __init__(self, run_dir: Path, storage: RunStorage | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.storage = storage
         self.path = self.run_dir / "manifest.json"
         self._hash_cache: dict[tuple[str, int, int], str] = {}
         if self.path.exists():
@@ -125,6 +131,8 @@ class Manifest:
         cost: dict | None = None,
         extra: dict | None = None,
     ) -> None:
+        if self.storage is not None:
+            self.storage.push(outputs)  # before hashing: an upload sets the local mtime
         files: dict[str, str] = {}
         for out in outputs:
             for path in files_under(out):
@@ -141,3 +149,5 @@ class Manifest:
 
     def save(self) -> None:
         write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+        if self.storage is not None:
+            self.storage.push([self.path])

@@ -33,6 +33,7 @@ from dem_ray.models import (
     materialize_base,
 )
 from dem_ray.spaces import Space, load_space
+from dem_ray.storage import RAY_OWNED, RunStorage
 from dem_ray.vectors import check_compatible, compute_vector, save_tensors
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ def ensure_ray(address: str | None = None) -> None:
 class Pipeline:
     def __init__(self, config: RunConfig, ray_address: str | None = None) -> None:
         self.cfg = config
-        self.run_dir = Path(config.run_dir).expanduser().resolve()
+        # A URI run_dir is worked on through a local mirror (see dem_ray.storage).
+        self.storage = RunStorage(config.run_dir)
+        self.run_dir = self.storage.local
         self.ray_address = ray_address
         self.names = config.dataset_names
         self.config_dir = (
@@ -90,7 +93,15 @@ class Pipeline:
         entry = self.manifest.entry("base") if self.manifest else None
         if entry is None:
             raise PipelineError("the base model is not prepared; run `dem-ray run CONFIG`")
-        return Path(entry["path"])
+        return self.run_dir / entry["path"]  # relative inside the run dir, else absolute
+
+    def show(self, path: Path) -> str:
+        """A path of this run as the user knows it (its URI for a URI run_dir)."""
+        return self.storage.show(path)
+
+    def ref(self, path: Path):
+        """A path as handed to Ray workers, which may run on other nodes."""
+        return self.storage.ref(path)
 
     # ---- checks before any long work ------------------------------------------------------
     def preflight(self) -> None:
@@ -103,7 +114,10 @@ class Pipeline:
             data_mod.read_documents(self._data_path(ds.path), ds.text_field, name)
             if ds.validation_path:
                 data_mod.read_documents(self._data_path(ds.validation_path), ds.text_field, name)
-        self.manifest = Manifest(self.run_dir)
+        if self.storage.remote:
+            log.info("run_dir %s: local mirror %s", self.storage.display, self.run_dir)
+            self.storage.pull(skip=RAY_OWNED, exact=True)
+        self.manifest = Manifest(self.run_dir, self.storage if self.storage.remote else None)
         self._recover_dirs()
 
     def _recover_dirs(self) -> None:
@@ -126,6 +140,8 @@ class Pipeline:
                 f"run_dir {self.run_dir} is not writable ({exc.strerror}); "
                 f"set run_dir in {self.cfg.source} to a directory you can write"
             ) from exc
+        if self.storage.remote:
+            self.storage.check_writable()
 
     def _data_path(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -182,9 +198,11 @@ class Pipeline:
                 [base] if inside else [],
                 cost={"wall_seconds": time.perf_counter() - start},
                 extra={
-                    "path": str(base.resolve()),
+                    "path": str(
+                        base.resolve().relative_to(self.run_dir) if inside else base.resolve()
+                    ),
                     "fingerprint": hash_json(_dir_fingerprint(base)),
-                },
+                },  # fmt: skip
             )
         tokenizer = None
         base_fp = self.manifest.entry("base")["fingerprint"]
@@ -306,13 +324,14 @@ class Pipeline:
         jobs = [
             FinetuneJob(
                 name,
-                str(self.base_dir),
-                {name: str(self.shard_path(name, "train"))},
+                self.ref(self.base_dir),
+                {name: self.ref(self.shard_path(name, "train"))},
                 str(self.finetune_dir(name)),
             )
             for name, _ in todo
         ]
-        results, errors = run_finetunes(jobs, self.cfg.finetune, self.run_dir / "ray_train")
+        results, errors = run_finetunes(jobs, self.cfg.finetune, self.run_dir / "ray_train",
+                                        self._ray_storage("ray_train"))  # fmt: skip
         for name, inputs in todo:
             if name in results:
                 m = results[name]
@@ -353,7 +372,8 @@ class Pipeline:
             check_model_dir(self.finetune_dir(name), role=role)
             check_same_tokenizer(self.base_dir, self.finetune_dir(name), role=role)
             check_compatible(self.base_dir, self.finetune_dir(name))
-            compute_vector(self.base_dir, self.finetune_dir(name), self.vector_path(name))
+            compute_vector(self.base_dir, self.finetune_dir(name), self.vector_path(name),
+                           names=(self.show(self.base_dir), self.show(self.finetune_dir(name))))  # fmt: skip
             log.info("vector %s -> %s", name, self.vector_path(name))
             self.manifest.record(
                 f"vectors/{name}",
@@ -387,9 +407,9 @@ class Pipeline:
         self.release_pool()
         ensure_ray(self.ray_address)
         kwargs = {
-            "base_dir": str(self.base_dir),
-            "vector_paths": [str(self.vector_path(n)) for n in self.names] if vectors else [],
-            "shard_paths": {n: str(self.shard_path(n, "validation")) for n in self.names},
+            "base_dir": self.ref(self.base_dir),
+            "vector_paths": [self.ref(self.vector_path(n)) for n in self.names] if vectors else [],
+            "shard_paths": {n: self.ref(self.shard_path(n, "validation")) for n in self.names},
             "batch_size": ev.batch_size,
             "max_sequences": ev.max_validation_sequences,
             "vector_dtype": ev.vector_dtype,
@@ -403,6 +423,22 @@ class Pipeline:
         self._pool_key = key
         self._pool_device = ray.get(self._pool[0].info.remote())["device"]
         return self._pool
+
+    def _ray_storage(self, name: str) -> tuple[str, object] | None:
+        """Ray Train/Tune storage under a URI run directory (None: the local `name` dir)."""
+        return self.storage.ray_storage(name) if self.storage.remote else None
+
+    def _tune_storage(self, trials_path: Path) -> dict:
+        """run_search's storage arguments: a URI run gets each finished trial uploaded, so
+        a search resumed on another machine keeps it."""
+        from dem_ray.search import inputs_marker
+
+        if not self.storage.remote:
+            return {}
+        return {
+            "ray_storage": self._ray_storage("ray_tune"),
+            "after_write": lambda: self.storage.push([trials_path, inputs_marker(trials_path)]),
+        }
 
     def _is_recorded(self, key: str) -> bool:
         entry = self.manifest.entry(key)
@@ -480,7 +516,8 @@ class Pipeline:
         out = self.run_dir / "search"
         points, update = self._warm_start(earlier, out, inputs)
         trials = run_search(self.cfg.search, self._space, pool, out, self.run_dir / "ray_tune",
-                            inputs=inputs, fresh=fresh, warm_start=points)  # fmt: skip
+                            inputs=inputs, fresh=fresh, warm_start=points,
+                            **self._tune_storage(out / "trials.jsonl"))  # fmt: skip
         best = best_trial(trials)
         best_record = {
             "weights": best["weights"],
@@ -571,8 +608,8 @@ class Pipeline:
         start = time.perf_counter()
         out = self.run_dir / "search"
         trials = run_search(cfg, self._space, self.pool(), out, self.run_dir / "ray_tune",
-                            trials_name="grid_trials.jsonl", inputs=inputs,
-                            fresh=force)  # fmt: skip
+                            trials_name="grid_trials.jsonl", inputs=inputs, fresh=force,
+                            **self._tune_storage(out / "grid_trials.jsonl"))  # fmt: skip
         self.manifest.record(
             "search_grid", inputs, [out / "grid_trials.jsonl"],
             cost=self._search_cost(trials, start),
@@ -655,13 +692,14 @@ class Pipeline:
             )  # fmt: skip
             ensure_ray(self.ray_address)
             self.release_pool()  # its CPUs/GPUs go to the trainers; it is started again after
-            shards = {n: str(self.shard_path(n, "train")) for n in self.names}
+            shards = {n: self.ref(self.shard_path(n, "train")) for n in self.names}
             jobs = [
-                FinetuneJob(f"mixture {mid}", str(self.base_dir), shards,
+                FinetuneJob(f"mixture {mid}", self.ref(self.base_dir), shards,
                             str(self.mixture_dir(mid)), mixture=mixes[mid], max_steps=steps)
                 for mid in todo
             ]  # fmt: skip
-            results, errors = run_finetunes(jobs, self.cfg.finetune, self.run_dir / "ray_train")
+            results, errors = run_finetunes(jobs, self.cfg.finetune, self.run_dir / "ray_train",
+                                            self._ray_storage("ray_train"))  # fmt: skip
             pool = self.pool(need_vectors=False)
             for mid in todo:
                 if f"mixture {mid}" in results:
@@ -676,7 +714,8 @@ class Pipeline:
         from dem_ray.perplexity import objective, perplexity
 
         start = time.perf_counter()
-        result = ray.get(actor.evaluate_checkpoint.remote(str(self.mixture_dir(mid))))
+        self.storage.push([self.mixture_dir(mid)])  # evaluators on other nodes read it there
+        result = ray.get(actor.evaluate_checkpoint.remote(self.ref(self.mixture_dir(mid))))
         eval_wall = time.perf_counter() - start
         nll = {n: tuple(v) for n, v in result["nll"].items()}
         score = objective(nll, self.cfg.search.objective)
@@ -722,6 +761,7 @@ class Pipeline:
             replace_dir(self.mixture_dir(best_id), best_dir)
         if not self.cfg.baseline.keep_all:
             shutil.rmtree(self.run_dir / "baseline" / "mixtures", ignore_errors=True)
+            self.storage.delete(self.run_dir / "baseline" / "mixtures")
         inputs = hash_json({mid: entries[mid]["inputs"] for mid in ids})
         self.manifest.record(
             "baseline", inputs, [best_dir],
@@ -758,7 +798,7 @@ class Pipeline:
             if path is None:
                 result = ray.get(actor.evaluate.remote([0.0] * len(self.names)))
             else:
-                result = ray.get(actor.evaluate_checkpoint.remote(str(path)))
+                result = ray.get(actor.evaluate_checkpoint.remote(self.ref(path)))
             scores[label] = {n: tuple(v) for n, v in result["nll"].items()}
             device_seconds += result["device_seconds"]
             tokens += result["tokens"]

@@ -56,7 +56,7 @@ def build_report(pipeline, scores: dict[str, dict[str, tuple[float, int]]], cost
     stage_cost["report"] = price(cost)
     dem_cost = costs.total(stage_cost[s] for s in DEM_STAGES)
     report = {
-        "run_dir": str(pipeline.run_dir),
+        "run_dir": pipeline.show(pipeline.run_dir),
         "base_model": str(cfg.base_model),
         "parameters": params,
         "datasets": names,
@@ -75,9 +75,9 @@ def build_report(pipeline, scores: dict[str, dict[str, tuple[float, int]]], cost
         "cost": {**stage_cost, "dem": dem_cost},
         "prices": {"usd_per_gpu_hour": prices[0], "usd_per_cpu_hour": prices[1]},
         "artifacts": {
-            "merged_model": str(pipeline.run_dir / "merged"),
-            "trials": str(pipeline.run_dir / "search" / "trials.jsonl"),
-            "finetuned": {n: str(pipeline.finetune_dir(n)) for n in names},
+            "merged_model": pipeline.show(pipeline.run_dir / "merged"),
+            "trials": pipeline.show(pipeline.run_dir / "search" / "trials.jsonl"),
+            "finetuned": {n: pipeline.show(pipeline.finetune_dir(n)) for n in names},
         },
     }
     if cfg.baseline is not None:
@@ -117,7 +117,7 @@ def _add_baseline(report: dict, pipeline, price) -> None:
             "id": best["id"],
             "weights": best["weights"],
             "objective": best["objective"],
-            "model": str(pipeline.run_dir / "baseline" / "best"),
+            "model": pipeline.show(pipeline.run_dir / "baseline" / "best"),
         },  # fmt: skip
         "steps_per_mixture": steps_per_mixture(cfg.baseline, cfg.finetune, len(pipeline.names)),
     }

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -89,8 +90,15 @@ def run_trial(
 class TrialRecorder(tune.Callback):
     """Appends each finished trial to trials.jsonl and logs progress as trials finish."""
 
-    def __init__(self, path: Path, total: int, finished: list[dict] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        total: int,
+        finished: list[dict] | None = None,
+        after_write: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
+        self.after_write = after_write  # e.g. upload the file to a URI run directory
         self.total = total
         self.done = len(finished or [])
         scored = [t for t in finished or [] if math.isfinite(full_objective(t))]
@@ -116,6 +124,8 @@ class TrialRecorder(tune.Callback):
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())  # a finished trial survives the driver being killed
+        if self.after_write is not None:
+            self.after_write()
         self.done += 1
         if record["complete"] and (
             self.best is None or record["objective"] < self.best["objective"]
@@ -148,6 +158,8 @@ def run_search(
     inputs: str = "",
     fresh: bool = True,
     warm_start: list[dict[str, float]] | None = None,
+    ray_storage: tuple[str, object] | None = None,
+    after_write: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Run the search; return the finished trials in order (also in out_dir/trials_name).
 
@@ -156,6 +168,8 @@ def run_search(
     `warm_start`: weights the sampler evaluates first (they count as trials), e.g. the
     best candidates of an earlier search before a dataset was added; ignored when
     resuming (the resumed trials already began with them).
+    `ray_storage`: Tune's `storage_path` and `storage_filesystem`, instead of `storage_dir`;
+    `after_write`: called after each trial is appended to the trials file.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
@@ -223,7 +237,8 @@ def run_search(
         log.info("search: resuming, %d of %d trials already finished", len(finished), total)
     if len(finished) >= total:
         return finished[:total]
-    recorder = TrialRecorder(trials_path, total, finished)
+    recorder = TrialRecorder(trials_path, total, finished, after_write)
+    storage_path, storage_fs = ray_storage or (str(storage_dir), None)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -232,7 +247,8 @@ def run_search(
         ),
         run_config=tune.RunConfig(
             name=f"search-{time.time_ns()}",
-            storage_path=str(storage_dir),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             callbacks=[recorder],
             verbose=0,
         ),
@@ -289,11 +305,12 @@ def resume_trials(path: Path, inputs: str, fresh: bool) -> list[dict]:
 
 def made_with(path: Path, inputs: str) -> bool:
     """Whether the trials in `path` were made by a search with these inputs (resumable)."""
-    marker = _inputs_marker(path)
+    marker = inputs_marker(path)
     return marker.exists() and marker.read_text().strip() == inputs
 
 
-def _inputs_marker(path: Path) -> Path:
+def inputs_marker(path: Path) -> Path:
+    """The sidecar holding the inputs hash the trials in `path` were made with."""
     return path.with_name(path.name + ".inputs")
 
 

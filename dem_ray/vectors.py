@@ -68,17 +68,26 @@ def check_compatible(base_dir: Path, other_dir: Path) -> dict[str, Path]:
     return other
 
 
-def compute_vector(base_dir: Path, finetuned_dir: Path, out_path: Path, dtype: str = "float32"):
+def compute_vector(
+    base_dir: Path,
+    finetuned_dir: Path,
+    out_path: Path,
+    dtype: str = "float32",
+    names: tuple[str, str] | None = None,
+):
     """Write v = finetuned - base to `out_path` (safetensors), tensor by tensor.
 
     Tensors are read with plain reads and the vector is written as it is computed, so
     the process holds a few tensors at a time, never a model (see safetensors_stream).
+    `names`: how the header names base and fine-tune (default: their paths); a URI
+    run names them by URI, so the same vector has the same bytes on every machine.
     """
     base_index = tensor_index(base_dir)
     other_index = check_compatible(base_dir, finetuned_dir)
     out_dtype = DTYPES[dtype]
+    source, tuned = names or (str(base_dir), str(finetuned_dir))
+    metadata = {"base": source, "finetuned": tuned, "dtype": dtype}
     names = sorted(base_index)
-    metadata = {"base": str(base_dir), "finetuned": str(finetuned_dir), "dtype": dtype}
     with ExitStack() as stack:
         readers: dict[Path, TensorReader] = {}
 

@@ -151,14 +151,3 @@ def test_placement_does_not_change_the_finetune_inputs(tmp_path: Path) -> None:
     }
     plain = Pipeline(parse_config(base))._finetune_hparams()
     assert Pipeline(parse_config(placed))._finetune_hparams() == plain
-
-
-@pytest.mark.parametrize("uri", ["s3://bucket/runs/x", "gs://bucket/x", "file:///tmp/x"])
-def test_uri_run_dir_is_refused_until_supported(tmp_path: Path, uri) -> None:
-    """Not a local directory named 's3:': say plainly what works instead."""
-    path = tmp_path / "run.yaml"
-    path.write_text(
-        yaml.safe_dump({"run_dir": uri, "base_model": "m", "datasets": {"a": "a", "b": "b"}})
-    )
-    with pytest.raises(ConfigError, match="a URI run directory .* is not supported yet"):
-        load_config(path)
