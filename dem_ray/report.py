@@ -458,6 +458,9 @@ def write_report(report: dict, search_dir: Path, out_dir: Path) -> list[Path]:
     if "baseline" in report:
         plots["Cost"] = out_dir / "cost.png"
         plot_cost(report, plots["Cost"])
+    for stale in ("search_compare.png", "cost.png"):  # an earlier report's, not this one's
+        if out_dir / stale not in plots.values():
+            (out_dir / stale).unlink(missing_ok=True)
     json_path, md_path, html_path = (out_dir / f"report.{x}" for x in ("json", "md", "html"))
     write_text_atomic(json_path, json.dumps(report, indent=2))
     write_text_atomic(md_path, render_markdown(report, {t: p.name for t, p in plots.items()}))

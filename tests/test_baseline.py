@@ -171,6 +171,21 @@ def test_markdown_and_html_show_the_numbers_of_the_json(compared):
     assert page.count("data:image/png;base64,") == 3  # search, search vs grid, cost
 
 
+def test_a_report_without_a_baseline_drops_the_earlier_plots(compared, tmp_path):
+    """After a dataset is added (no baseline section), report/ must not keep the old plots."""
+    from dem_ray.report import write_report
+
+    pipeline, _ = compared
+    out = tmp_path / "report"
+    shutil.copytree(pipeline.run_dir / "report", out)
+    assert (out / "cost.png").exists() and (out / "search_compare.png").exists()
+    report = {k: v for k, v in pipeline.report().items()
+              if k not in ("baseline", "search_comparison")}  # fmt: skip
+    written = write_report(report, pipeline.run_dir / "search", out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    assert not (out / "cost.png").exists() and not (out / "search_compare.png").exists()
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_html_renders_in_headless_chromium(compared, tmp_path):
     pipeline, _ = compared
