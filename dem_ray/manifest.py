@@ -56,7 +56,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 class Manifest:
-    """`storage` (a URI run's): each record uploads the stage's outputs, then the manifest."""
+    """With a URI run's `storage`, each record uploads the stage's outputs, then the manifest
+    (for a local run directory the uploads do nothing)."""
 
     def __init__(self, run_dir: Path, storage: RunStorage | None = None) -> None:
         self.run_dir = Path(run_dir)

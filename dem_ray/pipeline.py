@@ -117,7 +117,7 @@ class Pipeline:
         if self.storage.remote:
             log.info("run_dir %s: local mirror %s", self.storage.display, self.run_dir)
             self.storage.pull(skip=RAY_OWNED, exact=True)
-        self.manifest = Manifest(self.run_dir, self.storage if self.storage.remote else None)
+        self.manifest = Manifest(self.run_dir, self.storage)
         self._recover_dirs()
 
     def _recover_dirs(self) -> None:
@@ -331,7 +331,7 @@ class Pipeline:
             for name, _ in todo
         ]
         results, errors = run_finetunes(jobs, self.cfg.finetune, self.run_dir / "ray_train",
-                                        self._ray_storage("ray_train"))  # fmt: skip
+                                        self.storage.ray_storage("ray_train"))  # fmt: skip
         for name, inputs in todo:
             if name in results:
                 m = results[name]
@@ -424,10 +424,6 @@ class Pipeline:
         self._pool_device = ray.get(self._pool[0].info.remote())["device"]
         return self._pool
 
-    def _ray_storage(self, name: str) -> tuple[str, object] | None:
-        """Ray Train/Tune storage under a URI run directory (None: the local `name` dir)."""
-        return self.storage.ray_storage(name) if self.storage.remote else None
-
     def _tune_storage(self, trials_path: Path) -> dict:
         """run_search's storage arguments: a URI run gets each finished trial uploaded, so
         a search resumed on another machine keeps it."""
@@ -436,7 +432,7 @@ class Pipeline:
         if not self.storage.remote:
             return {}
         return {
-            "ray_storage": self._ray_storage("ray_tune"),
+            "ray_storage": self.storage.ray_storage("ray_tune"),
             "after_write": lambda: self.storage.push([trials_path, inputs_marker(trials_path)]),
         }
 
@@ -699,7 +695,7 @@ class Pipeline:
                 for mid in todo
             ]  # fmt: skip
             results, errors = run_finetunes(jobs, self.cfg.finetune, self.run_dir / "ray_train",
-                                            self._ray_storage("ray_train"))  # fmt: skip
+                                            self.storage.ray_storage("ray_train"))  # fmt: skip
             pool = self.pool(need_vectors=False)
             for mid in todo:
                 if f"mixture {mid}" in results:

@@ -209,21 +209,15 @@ class RunStorage:
         are gone locally are deleted, so the remote directory is the local one."""
         if not self.remote:
             return
+        from dem_ray.manifest import files_under  # the files a manifest record lists
+
         for path in paths:
-            path = Path(path)
-            rel = self._rel(path)
-            if path.is_dir():
-                local = {
-                    str(p.relative_to(self.local)): p
-                    for p in sorted(path.rglob("*"))
-                    if p.is_file() and not p.name.startswith(".")
-                }
-                for stale in set(self.remote_files(rel)) - set(local):
+            local = {self._rel(p): p for p in files_under(Path(path))}
+            if Path(path).is_dir():
+                for stale in set(self.remote_files(self._rel(path))) - set(local):
                     self.fs.delete_file(f"{self.root}/{stale}")
-                for name, p in local.items():
-                    self._upload(p, name)
-            elif path.is_file():
-                self._upload(path, rel)
+            for name, p in local.items():
+                self._upload(p, name)
 
     def delete(self, path: Path) -> None:
         """Remove a directory's remote copy (the local one is the caller's)."""
