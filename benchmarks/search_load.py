@@ -1,6 +1,6 @@
 """A long search under load: many trials, several in flight, one evaluator actor.
 
-The search is `dem_ray.search.run_search` with Optuna's random sampler over the simplex,
+The search is `dem_ray.ray.search.run_search` with Optuna's random sampler over the simplex,
 on a tiny model with k random distribution vectors and a few validation rows of the
 running Python's stdlib source, through a pool of one evaluator actor. It runs in two
 legs on the same pool: the first `--first` trials, then a resumed search (the kept
@@ -23,11 +23,11 @@ import _common as bc
 import ray
 
 from dem_ray.config import SearchConfig
-from dem_ray.evaluator import start_pool
-from dem_ray.models import load_model, load_tokenizer
-from dem_ray.search import read_trials, run_search
-from dem_ray.spaces import load_space
-from dem_ray.vectors import save_tensors
+from dem_ray.core.spaces import load_space
+from dem_ray.core.vectors import save_tensors
+from dem_ray.models.base import load_model, load_tokenizer
+from dem_ray.ray.evaluator import start_pool
+from dem_ray.ray.search import read_trials, run_search
 
 log = bc.log
 

@@ -1,4 +1,4 @@
-"""Peak memory of the vectors stage (dem_ray.vectors.compute_vector) against the model size.
+"""Peak memory of the vectors stage (dem_ray.core.vectors.compute_vector) against the model size.
 
 For each k, a fresh child process runs what `Pipeline.stage_vectors` runs for k
 fine-tunes (check_compatible + compute_vector, one after the other) and reports its
@@ -27,8 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dem_ray.merge import MODEL_SIDE_FILES
-from dem_ray.vectors import check_compatible, compute_vector, weight_files
+from dem_ray.core.merge import MODEL_SIDE_FILES
+from dem_ray.core.vectors import check_compatible, compute_vector, weight_files
 
 log = bc.log
 

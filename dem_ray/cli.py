@@ -8,25 +8,22 @@ import logging
 import sys
 
 from dem_ray.config import ConfigError, load_config
-from dem_ray.data import DataError
-from dem_ray.merge import MergeError
-from dem_ray.models import ModelError
-from dem_ray.spaces import SpaceError
-from dem_ray.storage import StorageError
-from dem_ray.vectors import VectorError
+from dem_ray.core.merge import MergeError
+from dem_ray.core.spaces import SpaceError
+from dem_ray.core.vectors import VectorError
+from dem_ray.data.readers import DataError
+from dem_ray.models.base import ModelError
+from dem_ray.run.storage import StorageError
 
 USER_ERRORS = (
     ConfigError, DataError, ModelError, VectorError, SpaceError, MergeError, StorageError,
 )  # fmt: skip
-STAGE_HELP = {
-    "run": "every stage, skipping those already done",
-    "prepare": "materialize the base model and tokenize the datasets",
-    "finetune": "one Ray Train fine-tune per dataset (prepares first if needed)",
-    "vectors": "distribution vectors v_i = theta_i - theta_0",
-    "search": "Ray Tune + Optuna search of the coefficients",
-    "merge": "write theta_0 + sum_i w_i v_i for the best (or given) weights",
-    "report": "perplexity of every model on every dataset, and the cost",
-}
+
+
+def stage_help() -> dict[str, str]:
+    from dem_ray.stages import COMMANDS
+
+    return {"run": "every stage, skipping those already done", **COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in STAGE_HELP.items():
+    for name, text in stage_help().items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="run config YAML")
         p.add_argument("--force", action="store_true", help="run even if up to date")
+        p.add_argument(
+            "--verify",
+            action="store_true",
+            help="re-hash every recorded output instead of trusting unchanged sizes and times",
+        )
         p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
         if name == "merge":
             p.add_argument(
@@ -73,30 +75,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dem-ray: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from dem_ray.evaluator import EvaluatorMemoryError
-        from dem_ray.pipeline import PipelineError
+        from dem_ray.ray.evaluator import EvaluatorMemoryError
+        from dem_ray.run.lock import RunDirBusy
+        from dem_ray.stages import StageError
 
         if isinstance(exc, EvaluatorMemoryError):
             print(f"dem-ray: error: {exc}", file=sys.stderr)
             return 2
-        if isinstance(exc, PipelineError):
+        if isinstance(exc, StageError | RunDirBusy):
             print(f"dem-ray: error: {exc}", file=sys.stderr)
             return 1
         raise
 
 
 def _stages(args) -> int:
-    from dem_ray.pipeline import STAGES, Pipeline
+    import signal
+
+    from dem_ray.run.stopping import (
+        Stopped,
+        exit_stopped,
+        install_stop_handlers,
+        uninstall_stop_handlers,
+    )
 
     config = load_config(args.config)
-    pipeline = Pipeline(config, ray_address=args.ray_address)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    install_stop_handlers()
+    try:
+        return _run_stages(args, config)
+    except Stopped as stop:
+        exit_stopped(stop, f"dem-ray: stopped by {stop.name}; what finished is kept, and "
+                           f"`dem-ray run {args.config}` carries on from there")  # fmt: skip
+        raise  # not reached: exit_stopped exits
+    finally:
+        uninstall_stop_handlers(saved)  # a caller's own handlers (a test process)
+
+
+def _run_stages(args, config) -> int:
+    from dem_ray.pipeline import Pipeline
+    from dem_ray.stages import COMMANDS
+
+    pipeline = Pipeline(config, ray_address=args.ray_address, verify=args.verify)
     # Ray and Tune print progress to stdout; keep stdout for what the command answers.
     with contextlib.redirect_stdout(sys.stderr):
         if args.command == "run":
-            pipeline.run(STAGES, force=args.force)
+            pipeline.run(tuple(COMMANDS), force=args.force)
         elif args.command == "merge" and args.weights:
-            pipeline.preflight()
-            pipeline.stage_merge(force=True, weights=_parse_weights(args.weights))
+            weights = _parse_weights(args.weights)
+            pipeline.open("merge")
+            try:
+                pipeline.run_command("merge", force=True, weights=weights)
+            finally:
+                pipeline.close()
         else:
             pipeline.run((args.command,), force=args.force)
     print(f"stages run: {', '.join(pipeline.ran) or 'none'}")
@@ -120,7 +150,7 @@ def _parse_weights(text: str) -> dict[str, float]:
 
 
 def _print_summary(pipeline) -> None:
-    from dem_ray.report import ppl_table
+    from dem_ray.report.render import ppl_table
 
     report = pipeline.report()
     rows = ppl_table(report)
@@ -135,14 +165,17 @@ def _print_summary(pipeline) -> None:
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
-    weights = ", ".join(f"{k}={v:.3f}" for k, v in report["best_weights"].items())
-    print(f"best weights: {weights}")
+    weights = ", ".join(f"{k}={v:.3f}" for k, v in report["dem_weights"].items())
+    print(f"merged weights: {weights}")
+    if report["dem_weights"] != report["best_weights"]:
+        best = ", ".join(f"{k}={v:.3f}" for k, v in report["best_weights"].items())
+        print(f"search's best:  {best} (the merged model has the weights you gave)")
     print(f"merged model: {report['artifacts']['merged_model']}")
-    print(f"report:       {pipeline.show(pipeline.run_dir / 'report' / 'report.md')}")
+    print(f"report:       {pipeline.show(pipeline.layout.report / 'report.md')}")
 
 
 def _corpora(args) -> int:
-    from dem_ray import corpora
+    from dem_ray.data import corpora
 
     if args.corpora_command == "list":
         for name, info in corpora.CORPORA.items():

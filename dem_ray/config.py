@@ -1,120 +1,590 @@
-"""The run config: a YAML file, parsed into typed sections.
+"""The run config: a YAML file, validated into frozen pydantic models.
 
-Every error names the file and the dotted key at fault, and unknown keys get a
-"did you mean" suggestion, because a typo in a config must fail before hours of
-fine-tuning start, not after.
+Each key's type, range, default and one-line meaning are written once, on its field; the
+README's table is generated from the fields (`python -m dem_ray.config --write-readme
+README.md`). Every error names the file and the dotted key at fault, and unknown keys get a
+"did you mean" suggestion, because a typo in a config must fail before hours of fine-tuning
+start, not after.
+
+A field that never changes a result carries the role `resource` (placement, logging,
+concurrency, retries) or `extent` (how far a search goes); stages hash `result_settings(...)`,
+which leaves both out, so adding or changing such a key cannot invalidate finished work.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import difflib
 import re
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from types import NoneType, UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the file and key."""
 
 
-@dataclass(frozen=True)
-class DatasetConfig:
+Algorithm = Literal["tpe", "cmaes", "gp", "random", "grid"]
+Objective = Literal["macro", "token_weighted"]
+Scheduler = Literal["none", "asha"]
+Autocast = Literal["none", "bfloat16", "float16"]
+VectorDtype = Literal["float32", "bfloat16", "float16"]
+BaseKind = Literal["gguf", "dir", "hub"]
+
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+AUTOCAST: tuple[str, ...] = get_args(Autocast)
+VECTOR_DTYPES: tuple[str, ...] = get_args(VectorDtype)
+BASE_KINDS: tuple[str, ...] = get_args(BaseKind)
+
+Role = Literal["result", "resource", "extent"]
+# What the README adds to the meaning of a key that does not change results.
+ROLE_NOTES: dict[str, str] = {
+    "resource": "(never re-runs a stage)",
+    "extent": "(raising it extends the search)",
+}
+
+
+def _meta(role: Role = "result", **display: Any) -> dict[str, Any]:
+    """A field's metadata: its role, plus optional README and message overrides.
+
+    `shown`: the README's default column where the value itself says less ("what fits").
+    `note`: replaces the role's note in the README's meaning. `error`: a range-error
+    template ({key}, {cond}, {value}) for the keys whose wording users already know.
+    `subkeys` / `subkeys_meaning`: an extra README row for a key that may be a mapping.
+    """
+    return {"role": role, **display} if role != "result" else dict(display)
+
+
+_RESOURCE: Role = "resource"
+_EXTENT: Role = "extent"
+# The long-standing wording of a few range errors (key unquoted); every other range error
+# reads "'KEY' must be COND, got VALUE".
+_PLAIN_RANGE = "{key} must be {cond}, got {value}"
+
+
+# ---- messages that know their key only once the model's place in the config is known ----
+
+
+class _Problem(ValueError):
+    """What a validator found wrong, worded once the key's full dotted path is known.
+
+    A validator sees its own model, not where that model sits in the config, so `template`
+    names keys by placeholder: {key} is the key at fault (the model's path plus `below`),
+    each name in `keys` is a sibling key path, and `values` are filled in as given. The
+    filling is one pass, so text from the user's config is never read as a placeholder.
+    """
+
+    def __init__(
+        self, template: str, below: str = "", keys: dict[str, str] | None = None, **values: Any
+    ) -> None:
+        self.template, self.below, self.keys, self.values = template, below, keys or {}, values
+        super().__init__(self.render(""))
+
+    def render(self, at: str) -> str:
+        paths = {name: _join(at, key) for name, key in self.keys.items()}
+        return _fill(self.template, key=_join(at, self.below), **paths, **self.values)
+
+
+def _fill(template: str, **values: Any) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: str(values.get(m[1], m[0])), template)
+
+
+def _join(at: str, below: str) -> str:
+    if not at or not below:
+        return at or below
+    return f"{at}{below}" if below.startswith("[") else f"{at}.{below}"
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """Pydantic's location tuple as the config's dotted key: ('a', 0, 'b') -> 'a[0].b'."""
+    key = ""
+    for part in loc:
+        key = _join(key, f"[{part}]" if isinstance(part, int) else str(part))
+    return key
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _got(value: Any) -> str:
+    return f"{_kind(value)} {value!r}"
+
+
+def _check_keys(raw: dict, known: list[str]) -> None:
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+            raise _Problem("unknown key '{key}'{hint}", below=str(key), hint=hint)
+
+
+# ---- the sections ----------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    """Frozen and strict: a bool is not an int and a string is not a number (an int is a
+    float), because YAML's `yes` or `"8"` is a typo, not a value to coerce."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class _Section(_Strict):
+    """A mapping of settings under one key of the config."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping_of_known_keys(cls, data: Any) -> Any:
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise _Problem("'{key}' must be a mapping, got {kind}", kind=_kind(data))
+        _check_keys(data, list(cls.model_fields))
+        return data
+
+
+class DatasetConfig(_Section):
     """One training distribution: the data one specialist is fine-tuned on."""
 
-    path: str
-    text_field: str = "text"
-    validation_path: str | None = None
-    validation_fraction: float = 0.05
-    max_train_documents: int | None = None
+    path: str = Field(
+        description="`.jsonl`, `.json`, `.parquet`, text files (`.txt/.md/.rst`, one document "
+        "per blank-line-separated paragraph), a directory of text files, or a directory "
+        "written by `datasets.save_to_disk`"
+    )
+    text_field: str = Field("text", description="the field/column holding the text")
+    validation_path: str | None = Field(
+        None,
+        description="a separate validation file; without it, a seeded document-level split",
+    )
+    validation_fraction: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="the share of documents held out when there is no `validation_path`",
+        json_schema_extra=_meta(error=_PLAIN_RANGE),
+    )
+    max_train_documents: int | None = Field(
+        None,
+        ge=1,
+        description="cap on training documents",
+        json_schema_extra=_meta(error=_PLAIN_RANGE),
+    )
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
+class _Placed(_Section):
+    """A section whose workers ask Ray for resources (each declares `memory_gb`,
+    `resources` and `accelerator_type`). The request must be schedulable, or an autoscaler
+    waits forever for a node that cannot exist."""
+
+    cpu_key: ClassVar[str]
+    gpu_key: ClassVar[str]
+
+    @field_validator("resources", mode="before", check_fields=False)
+    @classmethod
+    def _resources_are_named(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _Problem(
+                "'{key}' must be a mapping of names to numbers, e.g. {my_resource: 1}, got {got}",
+                got=_got(value),
+            )
+        for name in value:
+            if not isinstance(name, str) or not name:
+                raise _Problem("'{key}' has a key {name} that is not a name", name=repr(name))
+        return value
+
+    @field_validator("accelerator_type", check_fields=False)
+    @classmethod
+    def _accelerator_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise _Problem("'{key}' is empty; remove it or name one (e.g. A100, H100, L4)")
+        return value
+
+    @model_validator(mode="after")
+    def _schedulable(self) -> _Placed:
+        dedicated = {
+            "cpu": self.cpu_key,
+            "gpu": self.gpu_key,
+            "memory": "memory_gb",
+            "accelerator_type": "accelerator_type",
+        }
+        for name in self.resources:
+            kind = name.lower().partition(":")[0]
+            if kind in dedicated:
+                raise _Problem(
+                    "'{key}': '{name}' is not a custom resource; set '{instead}' instead",
+                    below=f"resources.{name}",
+                    keys={"instead": dedicated[kind]},
+                    name=name,
+                )
+            if kind == "object_store_memory":
+                raise _Problem(
+                    "'{key}': Ray sizes the object store per node, not per task; remove it",
+                    below=f"resources.{name}",
+                )
+        if self.accelerator_type is not None and getattr(self, self.gpu_key) <= 0:
+            raise _Problem(
+                "'{key}' is {value} but '{gpus}' is 0; an accelerator type only selects GPU "
+                "nodes, so set {gpus} > 0 (or remove accelerator_type)",
+                below="accelerator_type",
+                keys={"gpus": self.gpu_key},
+                value=repr(self.accelerator_type),
+            )
+        return self
+
+
+class FinetuneConfig(_Placed):
     """Hyper-parameters shared by every per-dataset fine-tune (and the baseline)."""
 
-    max_steps: int = 60
-    batch_size: int = 8
-    seq_len: int = 128
-    learning_rate: float = 1.0e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    torch_threads: int | None = None
-    max_concurrent: int | None = None
-    log_every: int = 10
-    seed: int = 0
-    max_failures: int = 2
-    checkpoint_every: int = 100
-    # Placement: what each worker asks Ray for besides CPUs and GPUs (see dem_ray/placement.py).
-    memory_gb: float | None = None
-    resources: dict[str, float] = field(default_factory=dict)
-    accelerator_type: str | None = None
+    cpu_key: ClassVar[str] = "cpus_per_worker"
+    gpu_key: ClassVar[str] = "gpus_per_worker"
+
+    max_steps: int = Field(60, gt=0, description="optimizer steps per fine-tune")
+    batch_size: int = Field(
+        8, gt=0, description="rows per step per worker (global batch = `batch_size x num_workers`)"
+    )
+    seq_len: int = Field(
+        128,
+        ge=2,
+        description="tokens per packed row, for training and validation",
+        json_schema_extra=_meta(
+            error="{key} must be {cond} (one token predicts the next), got {value}"
+        ),
+    )
+    learning_rate: float = Field(
+        1.0e-4,
+        gt=0,
+        description="AdamW learning rate (constant after warm-up), gradients clipped at 1.0",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers per fine-tune (DDP when > 1)")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves per worker", json_schema_extra=_meta(_RESOURCE)
+    )
+    gpus_per_worker: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per worker; > 0 trains on GPU",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="RAM (GiB) Ray reserves per worker; the autoscaler picks a node type with "
+        "that much",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="custom Ray resources per worker, e.g. `{trainer_node: 1}` (a node started "
+        """with `--resources='{"trainer_node": 4}'` holds four)""",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description="GPU model the workers need (`A100`, `H100`, `L4`, ... as Ray names them); "
+        "needs `gpus_per_worker > 0`",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="`torch.set_num_threads` in each worker",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    max_concurrent: int | None = Field(
+        None,
+        gt=0,
+        description="trainers in flight at once; by default as many as the cluster's free "
+        "CPUs/GPUs hold when they launch (Ray Train gives up on a trainer that waits over 60 s "
+        "for resources). On an autoscaling cluster set it to what the autoscaler may add",
+        json_schema_extra=_meta(_RESOURCE, shown="what fits"),
+    )
+    log_every: int = Field(
+        10, gt=0, description="steps between progress lines", json_schema_extra=_meta(_RESOURCE)
+    )
+    seed: int = Field(0, description="batch sampling, initialisation and the validation split")
+    checkpoint_every: int = Field(
+        100,
+        gt=0,
+        description="steps between resumable checkpoints (weights as safetensors, optimizer and "
+        "step state as safetensors + JSON)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    max_failures: int = Field(
+        2,
+        ge=0,
+        description="times Ray Train restarts a failed worker group from its latest checkpoint",
+        json_schema_extra=_meta(_RESOURCE),
+    )
 
 
-@dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(_Section):
     """How the coefficients are searched."""
 
-    space: str = "simplex"
-    algorithm: str = "tpe"
-    num_trials: int = 24
-    max_concurrent: int = 2
-    seed: int = 0
-    objective: str = "macro"
-    grid_step: float = 0.25
-    compare_grid: bool = False
-    scheduler: str = "none"
-    slices: int = 4
-    grace_slices: int = 1
-    reduction_factor: int = 3
-    warm_start: int = 8
+    space: str = Field(
+        "simplex", description="a file in `search_spaces/` by name, or a path to a space YAML"
+    )
+    algorithm: Algorithm = Field(
+        "tpe",
+        description="`tpe`, `cmaes`, `gp`, `random` (Optuna samplers through Ray Tune's "
+        "`OptunaSearch`), or `grid` (the plain coefficient grid)",
+    )
+    num_trials: int = Field(
+        24,
+        gt=0,
+        description="candidates evaluated (ignored by `grid`, which visits every grid point)",
+        json_schema_extra=_meta(_EXTENT),
+    )
+    max_concurrent: int = Field(
+        2, gt=0, description="trials in flight at once", json_schema_extra=_meta(_RESOURCE)
+    )
+    seed: int = Field(0, description="the sampler's seed")
+    objective: Objective = Field(
+        "macro",
+        description="`macro`: mean over datasets of log-perplexity; `token_weighted`: "
+        "log-perplexity of all validation tokens pooled",
+    )
+    grid_step: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="the grid's step for `algorithm: grid`",
+        json_schema_extra=_meta(error=_PLAIN_RANGE),
+    )
+    compare_grid: bool = Field(
+        False,
+        description="also run the plain coefficient grid (at `baseline.grid_step` when there "
+        "is a baseline grid, else `search.grid_step`) and report how many evaluations the "
+        "search needed to come within 1% and 0.1% of the grid's best",
+        json_schema_extra=_meta(_EXTENT, note="(turning it on extends the search)"),
+    )
+    warm_start: int = Field(
+        8,
+        ge=0,
+        description="when the search re-runs because datasets were added or changed, it first "
+        "re-scores this many of the earlier search's best candidates (new datasets at weight "
+        "0); `0`: cold start",
+    )
+    scheduler: Scheduler = Field(
+        "none",
+        description="`asha`: multi-fidelity search; each trial scores the validation shards in "
+        "`slices` slices and reports the running objective after each, and Ray Tune's ASHA "
+        "stops candidates that trail the others early. Only fully scored trials can be the "
+        "best; stopped ones are kept in `trials.jsonl` with `complete: false`",
+    )
+    slices: int = Field(
+        4,
+        gt=0,
+        description="validation slices per trial with `asha` (slice `i` holds rows `i, i+s, "
+        "i+2s, ...` of every dataset, so each slice estimates the whole)",
+    )
+    grace_slices: int = Field(
+        1, gt=0, description="slices every trial scores before ASHA may stop it"
+    )
+    reduction_factor: int = Field(
+        3,
+        description="ASHA keeps about 1 in this many trials at each rung (at least 2 with `asha`)",
+    )
+
+    @model_validator(mode="after")
+    def _asha_can_stop_something(self) -> SearchConfig:
+        if self.scheduler != "asha":
+            return self
+        keys = {"slices": "slices", "grace": "grace_slices", "scheduler": "scheduler"}
+        if self.slices < 2:
+            raise _Problem(
+                "{slices} must be >= 2 with {scheduler}: asha (a trial reports after each "
+                "validation slice), got {n}",
+                keys=keys,
+                n=self.slices,
+            )
+        if self.grace_slices >= self.slices:
+            raise _Problem(
+                "{grace} ({g}) must be below {slices} ({n}), or no trial can be stopped early",
+                keys=keys,
+                g=self.grace_slices,
+                n=self.slices,
+            )
+        if self.reduction_factor < 2:
+            raise _Problem(
+                "{key} must be >= 2 with {scheduler}: asha, got {n}",
+                below="reduction_factor",
+                keys=keys,
+                n=self.reduction_factor,
+            )
+        return self
 
 
-@dataclass(frozen=True)
-class EvaluatorConfig:
+class EvaluatorConfig(_Placed):
     """The pool of actors that hold base, vectors and validation shards resident."""
 
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    batch_size: int = 8
-    max_validation_sequences: int | None = 64
-    vector_dtype: str = "float32"
-    torch_threads: int | None = None
-    autocast: str = "none"
-    memory_gb: float | None = None
-    resources: dict[str, float] = field(default_factory=dict)
-    accelerator_type: str | None = None
+    cpu_key: ClassVar[str] = "cpus_per_actor"
+    gpu_key: ClassVar[str] = "gpus_per_actor"
+
+    num_actors: int = Field(
+        1,
+        gt=0,
+        description="evaluator actors (spread over nodes)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    gpus_per_actor: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per actor; > 0 evaluates on GPU",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs per actor", json_schema_extra=_meta(_RESOURCE)
+    )
+    batch_size: int = Field(
+        8, gt=0, description="validation rows per forward pass", json_schema_extra=_meta(_RESOURCE)
+    )
+    max_validation_sequences: int | None = Field(
+        64, gt=0, description="validation rows scored per dataset (`null`: all)"
+    )
+    vector_dtype: VectorDtype = Field(
+        "float32",
+        description="dtype the vectors are held in on the actor: `float32`, `bfloat16`, `float16`",
+    )
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="`torch.set_num_threads` in each actor",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    autocast: Autocast = Field(
+        "none",
+        description="`bfloat16` or `float16`: run the validation forward pass under "
+        "`torch.autocast` (for GPUs; the loss is still summed in float64)",
+    )
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="RAM (GiB) Ray reserves per actor (base + k vectors + shards when on CPU)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="custom Ray resources per actor, e.g. `{eval_node: 1}`",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description="GPU model the actors need; needs `gpus_per_actor > 0`",
+        json_schema_extra=_meta(_RESOURCE),
+    )
 
 
-@dataclass(frozen=True)
-class BaselineConfig:
+Mixture = tuple[tuple[str, float], ...]
+
+
+class BaselineConfig(_Section):
     """The data-mixing grid: one model trained per mixing ratio on the mixed data."""
 
-    grid_step: float | None = None
-    mixtures: tuple[tuple[tuple[str, float], ...], ...] = ()
-    steps: int | None = None
-    keep_all: bool = False
+    grid_step: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="every mixture on the simplex at this step (`0.5`, `0.25`, `0.3333333333` "
+        "for thirds, ...)",
+        json_schema_extra=_meta(shown="one of the two"),
+    )
+    mixtures: tuple[Mixture, ...] = Field(
+        (),
+        description="an explicit list, e.g. `[{code: 0.5, dialog: 0.5}, {code: 1.0}]` (ratios "
+        "are normalised; missing datasets get 0)",
+        json_schema_extra=_meta(shown="one of the two"),
+    )
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="optimizer steps per mixture; by default `finetune.max_steps x number of "
+        "datasets`, so one mixture sees as many tokens as all DEM fine-tunes together. "
+        "Optimiser, learning rate, sequence length and batch size are `finetune`'s",
+        json_schema_extra=_meta(shown="DEM's total"),
+    )
+    keep_all: bool = Field(
+        False,
+        description="keep every mixture's model (by default only the best is kept, as "
+        "`baseline/best/`)",
+    )
 
     def mixture_dicts(self) -> list[dict[str, float]]:
         return [dict(m) for m in self.mixtures]
 
+    @field_validator("grid_step")
+    @classmethod
+    def _divides_one(cls, step: float | None) -> float | None:
+        if step is not None and abs(round(1.0 / step) * step - 1.0) > 1e-5:
+            raise _Problem("'{key}' must divide 1 (e.g. 0.5, 0.25, 0.2), got {step}", step=step)
+        return step
 
-@dataclass(frozen=True)
-class CostConfig:
+    @field_validator("mixtures", mode="before")
+    @classmethod
+    def _normalised(cls, value: Any) -> Any:
+        """YAML's [{name: ratio}, ...] as ((name, share), ...) per mixture, shares summing to
+        1; sequences of pairs (a `model_dump()`) are taken as they are, once normalised."""
+        if value is None:
+            return ()
+        if not isinstance(value, list | tuple) or not value:
+            raise _Problem("'{key}' must be a non-empty list")
+        return tuple(_mixture(mix, i) for i, mix in enumerate(value))
+
+    @model_validator(mode="after")
+    def _grid_or_list(self) -> BaselineConfig:
+        if (self.grid_step is None) == (not self.mixtures):
+            raise _Problem("'{key}' needs exactly one of grid_step or mixtures")
+        return self
+
+
+def _mixture(mix: Any, index: int) -> Mixture:
+    at = f"[{index}]"
+    pairs = list(mix.items()) if isinstance(mix, dict) else mix
+    if not isinstance(pairs, list | tuple) or not all(
+        isinstance(p, list | tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs
+    ):
+        raise _Problem("'{key}' must map dataset names to ratios", below=at)
+    for name, ratio in pairs:
+        below = f"{at}.{name}"
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+            raise _Problem("'{key}' must be float, got {got}", below=below, got=_got(ratio))
+        if ratio < 0:
+            raise _Problem("'{key}' must be >= 0, got {ratio}", below=below, ratio=ratio)
+    total = sum(float(r) for _, r in pairs)
+    if total <= 0:
+        raise _Problem("'{key}' has no positive ratio", below=at)
+    scale = 1.0 if abs(total - 1.0) < 1e-12 else total
+    return tuple((name, float(ratio) / scale) for name, ratio in pairs)
+
+
+class CostConfig(_Section):
     """Prices that turn measured device-seconds into money, per kind of device."""
 
-    usd_per_gpu_hour: float = 3.0
-    usd_per_cpu_hour: float = 0.05
-
-
-BASE_KINDS = ("gguf", "dir", "hub")
+    usd_per_gpu_hour: float = Field(
+        3.0, ge=0, description="price of a GPU-hour, for the report's USD column"
+    )
+    usd_per_cpu_hour: float = Field(0.05, ge=0, description="price of a CPU core-hour")
 
 
 @dataclass(frozen=True)
@@ -133,35 +603,161 @@ class BaseModelSpec:
         return self.location
 
 
-@dataclass(frozen=True)
-class RunConfig:
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_REQUIRED = ("run_dir", "base_model", "datasets")
+
+
+class RunConfig(_Strict):
     """A whole DEM run; `source` is the file it came from (for error messages)."""
 
-    run_dir: str
-    base_model: BaseModelSpec
+    run_dir: str = Field(
+        description="where every artifact and the manifest go: a directory path (on a cluster, "
+        "one that every node mounts at the same path) or a bucket URI such as `s3://BUCKET/PATH` "
+        '(see "`run_dir` in a bucket")'
+    )
+    base_model: BaseModelSpec = Field(
+        description="an HF id (downloaded once into `run_dir/base/`, where every node of a "
+        "cluster reads it; needs the network), a local HF directory with `*.safetensors`, a "
+        "`.gguf` file (dequantized to fp32 once into `run_dir/base/`; needs the `gguf` "
+        "package), or `package://PKG/FILE` for a file inside an installed package. A string's "
+        "form decides how it is loaded (a `.gguf` suffix, an existing path, else a Hub id)",
+        json_schema_extra=_meta(
+            subkeys=BASE_KINDS,
+            subkeys_meaning="instead of a string, a mapping with exactly one of these keys says "
+            "how to load the value: `{gguf: PATH}` (a GGUF file, with or without the `.gguf` "
+            "suffix), `{dir: PATH}` (a local HF directory), `{hub: ID}` (a Hub id, even one that "
+            "looks like a path). `package://` works in `gguf` and `dir`. The conversion of a "
+            "GGUF is reused while the file's bytes (sha256) are the same",
+        ),
+    )
+    trust_remote_code: bool = Field(
+        False, description="passed to transformers; off unless you say so"
+    )
     datasets: dict[str, DatasetConfig]
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
     baseline: BaselineConfig | None = None
-    cost: CostConfig = field(default_factory=CostConfig)
-    trust_remote_code: bool = False
-    source: str = "<dict>"
+    cost: CostConfig = Field(default_factory=CostConfig)
+    # Not a key of the file: `parse_config` sets it, and it is left out of dumps.
+    source: str = Field("<dict>", exclude=True)
 
     @property
     def dataset_names(self) -> list[str]:
         return list(self.datasets)
 
     def section(self, name: str) -> dict[str, Any]:
-        """A section as plain data, for hashing a stage's inputs."""
-        return dataclasses.asdict(getattr(self, name))
+        """A section as plain data, e.g. for a stage's recorded inputs."""
+        return getattr(self, name).model_dump()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _top_level(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, cls) or not isinstance(data, dict):
+            return data
+        source = (info.context or {}).get("source")
+        keys = [key for key in cls.model_fields if source is None or key != "source"]
+        _check_keys(data, keys)
+        for key in _REQUIRED:
+            if data.get(key) in (None, "", {}):
+                raise _Problem("missing required key '{key}'", below=key)
+        return data if source is None else {**data, "source": source}
+
+    @field_validator("finetune", "search", "evaluator", "cost", mode="before")
+    @classmethod
+    def _empty_section_takes_defaults(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_model(cls, raw: Any) -> Any:
+        """A string (its form decides the kind) or a mapping with exactly one of the kinds."""
+        if isinstance(raw, str):
+            return BaseModelSpec(raw)
+        if isinstance(raw, BaseModelSpec):
+            return raw
+        kinds = ", ".join(BASE_KINDS)
+        if not isinstance(raw, dict):
+            raise _Problem(
+                "'{key}' must be a string or a mapping with one of {kinds} "
+                "(e.g. {gguf: model.gguf}), got {got}",
+                kinds=kinds,
+                got=_got(raw),
+            )
+        _check_keys(raw, list(BASE_KINDS))
+        if len(raw) != 1:
+            raise _Problem(
+                "'{key}' has {given}; give exactly one of {kinds}, which says how to load it",
+                given=", ".join(map(str, raw)),
+                kinds=kinds,
+            )
+        [(kind, location)] = raw.items()
+        if not isinstance(location, str):
+            raise _Problem("'{key}' must be str, got {got}", below=kind, got=_got(location))
+        if not location.strip():
+            raise _Problem("'{key}' is empty; give a path or a Hub id", below=kind)
+        return BaseModelSpec(location, kind)
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _named_datasets(cls, raw: Any) -> Any:
+        """Names usable as file names; a bare string is the dataset's path."""
+        if not isinstance(raw, dict):
+            raise _Problem("'{key}' must map names to dataset settings")
+        for name in raw:
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise _Problem(
+                    "dataset name {name} must be letters, digits, '_', '-' or '.'",
+                    name=repr(name),
+                )
+        return {name: {"path": s} if isinstance(s, str) else s for name, s in raw.items()}
+
+    @field_validator("datasets")
+    @classmethod
+    def _at_least_two(cls, datasets: dict[str, DatasetConfig]) -> dict[str, DatasetConfig]:
+        if len(datasets) < 2:
+            raise _Problem("'{key}' needs at least two datasets to mix")
+        return datasets
+
+    @field_validator("baseline")
+    @classmethod
+    def _mixtures_over_all_datasets(
+        cls, baseline: BaselineConfig | None, info: ValidationInfo
+    ) -> BaselineConfig | None:
+        """Every mixture names only configured datasets and lists all of them, in order."""
+        if baseline is None or not baseline.mixtures or "datasets" not in info.data:
+            return baseline
+        names = list(info.data["datasets"])
+        for i, mix in enumerate(baseline.mixtures):
+            for name, _ in mix:
+                if name not in names:
+                    raise _Problem(
+                        "'{key}': no dataset '{name}' in the config (datasets: {names})",
+                        below=f"mixtures[{i}].{name}",
+                        name=name,
+                        names=", ".join(names),
+                    )
+        full = tuple(tuple((n, dict(mix).get(n, 0.0)) for n in names) for mix in baseline.mixtures)
+        return baseline.model_copy(update={"mixtures": full})
 
 
-ALGORITHMS = ("tpe", "cmaes", "gp", "random", "grid")
-OBJECTIVES = ("macro", "token_weighted")
-SCHEDULERS = ("none", "asha")
-AUTOCAST = ("none", "bfloat16", "float16")
-VECTOR_DTYPES = ("float32", "bfloat16", "float16")
+# ---- what a stage hashes -----------------------------------------------------------------
+
+
+def field_role(info: FieldInfo) -> Role:
+    """`result` unless the field's metadata says `resource` or `extent`."""
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return extra.get("role", "result")  # type: ignore[return-value]
+
+
+def result_settings(section: BaseModel) -> dict[str, Any]:
+    """`section.model_dump()` without its resource and extent fields: what a stage hashes to
+    decide whether to re-run, so placement, logging or a longer search never re-run it."""
+    skip = {n for n, f in type(section).model_fields.items() if field_role(f) != "result"}
+    return section.model_dump(exclude=skip)
+
+
+# ---- reading a file ----------------------------------------------------------------------
 
 
 class _Loader(yaml.SafeLoader):
@@ -188,7 +784,6 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -209,311 +804,206 @@ def parse_config(raw: Any, source: str = "<dict>") -> RunConfig:
     """Validate a config given as plain data (as read from YAML)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a mapping of keys, got {_kind(raw)}")
-    sections = {
-        "finetune": FinetuneConfig,
-        "search": SearchConfig,
-        "evaluator": EvaluatorConfig,
-        "cost": CostConfig,
-    }
-    top_keys = ["run_dir", "base_model", "datasets", *sections, "baseline", "trust_remote_code"]
-    _check_keys(raw, top_keys, source, prefix="")
-    for key in ("run_dir", "base_model", "datasets"):
-        if raw.get(key) in (None, "", {}):
-            raise ConfigError(f"{source}: missing required key '{key}'")
-    run_dir = _typed(raw["run_dir"], str, source, "run_dir")
-    base_model = _parse_base_model(raw["base_model"], source)
-    trust = _typed(raw.get("trust_remote_code", False), bool, source, "trust_remote_code")
-
-    if not isinstance(raw["datasets"], dict):
-        raise ConfigError(f"{source}: 'datasets' must map names to dataset settings")
-    datasets = {}
-    for name, spec in raw["datasets"].items():
-        key = f"datasets.{name}"
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ConfigError(
-                f"{source}: dataset name {name!r} must be letters, digits, '_', '-' or '.'"
-            )
-        if isinstance(spec, str):
-            spec = {"path": spec}
-        datasets[name] = _build(DatasetConfig, spec, source, key)
-    if len(datasets) < 2:
-        raise ConfigError(f"{source}: 'datasets' needs at least two datasets to mix")
-
-    built = {
-        name: _build(cls, {} if raw.get(name) is None else raw[name], source, name)
-        for name, cls in sections.items()
-    }
-    baseline = None
-    if raw.get("baseline") is not None:
-        baseline = _parse_baseline(raw["baseline"], list(datasets), source)
-    config = RunConfig(
-        run_dir=run_dir,
-        base_model=base_model,
-        datasets=datasets,
-        baseline=baseline,
-        trust_remote_code=trust,
-        source=source,
-        **built,
-    )
-    _check_ranges(config)
-    return config
+    try:
+        return RunConfig.model_validate(raw, context={"source": source})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from exc
 
 
-def _parse_base_model(raw: Any, source: str) -> BaseModelSpec:
-    """A string (kind from its form) or a mapping with exactly one of gguf, dir, hub."""
-    if isinstance(raw, str):
-        return BaseModelSpec(raw)
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source}: 'base_model' must be a string or a mapping with one of "
-            f"{', '.join(BASE_KINDS)} (e.g. {{gguf: model.gguf}}), got {_kind(raw)} {raw!r}"
-        )
-    _check_keys(raw, list(BASE_KINDS), source, "base_model")
-    if len(raw) != 1:
-        raise ConfigError(
-            f"{source}: 'base_model' has {', '.join(map(str, raw))}; give exactly one of "
-            f"{', '.join(BASE_KINDS)}, which says how to load it"
-        )
-    [(kind, value)] = raw.items()
-    location = _typed(value, str, source, f"base_model.{kind}")
-    if not location.strip():
-        raise ConfigError(f"{source}: 'base_model.{kind}' is empty; give a path or a Hub id")
-    return BaseModelSpec(location, kind)
+# ---- pydantic's errors in the config's words ---------------------------------------------
+
+_BOUND_OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
-def _parse_baseline(raw: Any, names: list[str], source: str) -> BaselineConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: 'baseline' must be a mapping, got {_kind(raw)}")
-    _check_keys(raw, ["grid_step", "mixtures", "steps", "keep_all"], source, "baseline")
-    mixtures = raw.get("mixtures")
-    grid_step = raw.get("grid_step")
-    if (mixtures is None) == (grid_step is None):
-        raise ConfigError(f"{source}: 'baseline' needs exactly one of grid_step or mixtures")
-    parsed: list[tuple[tuple[str, float], ...]] = []
-    if mixtures is not None:
-        if not isinstance(mixtures, list) or not mixtures:
-            raise ConfigError(f"{source}: 'baseline.mixtures' must be a non-empty list")
-        for i, mix in enumerate(mixtures):
-            key = f"baseline.mixtures[{i}]"
-            if not isinstance(mix, dict):
-                raise ConfigError(f"{source}: '{key}' must map dataset names to ratios")
-            for name, ratio in mix.items():
-                if name not in names:
-                    raise ConfigError(
-                        f"{source}: '{key}.{name}': no dataset '{name}' in the config "
-                        f"(datasets: {', '.join(names)})"
-                    )
-                value = _typed(ratio, float, source, f"{key}.{name}")
-                if value < 0:
-                    raise ConfigError(f"{source}: '{key}.{name}' must be >= 0, got {value}")
-            total = sum(float(v) for v in mix.values())
-            if total <= 0:
-                raise ConfigError(f"{source}: '{key}' has no positive ratio")
-            parsed.append(tuple((n, float(mix.get(n, 0.0)) / total) for n in names))
-    else:
-        grid_step = _typed(grid_step, float, source, "baseline.grid_step")
-        n = round(1.0 / grid_step) if grid_step > 0 else 0
-        if not 0 < grid_step <= 1 or abs(n * grid_step - 1.0) > 1e-5:
-            raise ConfigError(
-                f"{source}: 'baseline.grid_step' must divide 1 (e.g. 0.5, 0.25, 0.2), "
-                f"got {grid_step}"
-            )
-    steps = _typed(raw.get("steps"), int | None, source, "baseline.steps")
-    if steps is not None and steps < 1:
-        raise ConfigError(f"{source}: 'baseline.steps' must be >= 1, got {steps}")
-    keep_all = _typed(raw.get("keep_all", False), bool, source, "baseline.keep_all")
-    return BaselineConfig(grid_step, tuple(parsed), steps, keep_all)
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as a config message, e.g. "'finetune.max_steps' must be > 0, got 0"."""
+    loc, kind, value = error["loc"], error["type"], error.get("input")
+    key = _dotted(loc)
+    ctx = error.get("ctx") or {}
+    if isinstance(ctx.get("error"), _Problem):
+        return ctx["error"].render(key)
+    annotation, info = _field_at(loc)
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    if kind == "literal_error" and isinstance(value, str):
+        options = get_args(annotation) if get_origin(annotation) is Literal else ()
+        choices = ", ".join(options) if options else ctx.get("expected", "")
+        return f"'{key}' is {value!r}; choose one of {choices}"
+    if kind.endswith("_type") or kind == "literal_error":
+        wanted = _type_names(annotation) if annotation is not None else kind.removesuffix("_type")
+        return f"'{key}' must be {wanted}, got {_got(value)}"
+    if kind in _RANGE_ERRORS:
+        bounds = _bounds(info) if info is not None else {}
+        bounds = bounds or {op: ctx[op] for op in _BOUND_OPS if op in ctx}
+        extra = info.json_schema_extra if info is not None else None
+        template = extra.get("error") if isinstance(extra, dict) else None
+        template = template or "'{key}' must be {cond}, got {value}"
+        return _fill(template, key=key, cond=_condition(bounds), value=value)
+    return f"'{key}': {error['msg']}"
 
 
-def _check_ranges(c: RunConfig) -> None:
-    s = c.source
-    for name, d in c.datasets.items():
-        if not 0.0 < d.validation_fraction < 1.0:
-            raise ConfigError(f"{s}: datasets.{name}.validation_fraction must be in (0, 1)")
-        if d.max_train_documents is not None and d.max_train_documents < 1:
-            raise ConfigError(f"{s}: datasets.{name}.max_train_documents must be >= 1")
-    f = c.finetune
-    for key in ("max_steps", "batch_size", "num_workers", "log_every", "checkpoint_every"):
-        _positive(getattr(f, key), s, f"finetune.{key}")
-    if f.seq_len < 2:
-        raise ConfigError(f"{s}: finetune.seq_len must be >= 2 (one token predicts the next)")
-    _positive(f.learning_rate, s, "finetune.learning_rate")
-    _positive(f.cpus_per_worker, s, "finetune.cpus_per_worker")
-    _non_negative(f.gpus_per_worker, s, "finetune.gpus_per_worker")
-    _non_negative(f.warmup_steps, s, "finetune.warmup_steps")
-    _non_negative(f.weight_decay, s, "finetune.weight_decay")
-    _non_negative(f.max_failures, s, "finetune.max_failures")
-    if f.torch_threads is not None:
-        _positive(f.torch_threads, s, "finetune.torch_threads")
-    if f.max_concurrent is not None:
-        _positive(f.max_concurrent, s, "finetune.max_concurrent")
-    _check_placement(f.memory_gb, f.resources, f.accelerator_type, f.gpus_per_worker, s,
-                     "finetune", "gpus_per_worker")  # fmt: skip
-    r = c.search
-    _choice(r.algorithm, ALGORITHMS, s, "search.algorithm")
-    _choice(r.objective, OBJECTIVES, s, "search.objective")
-    _positive(r.num_trials, s, "search.num_trials")
-    _positive(r.max_concurrent, s, "search.max_concurrent")
-    if not 0.0 < r.grid_step <= 1.0:
-        raise ConfigError(f"{s}: search.grid_step must be in (0, 1]")
-    _non_negative(r.warm_start, s, "search.warm_start")
-    _choice(r.scheduler, SCHEDULERS, s, "search.scheduler")
-    _positive(r.slices, s, "search.slices")
-    _positive(r.grace_slices, s, "search.grace_slices")
-    if r.scheduler == "asha":
-        if r.slices < 2:
-            raise ConfigError(
-                f"{s}: search.slices must be >= 2 with search.scheduler: asha (a trial "
-                f"reports after each validation slice), got {r.slices}"
-            )
-        if r.grace_slices >= r.slices:
-            raise ConfigError(
-                f"{s}: search.grace_slices ({r.grace_slices}) must be below search.slices "
-                f"({r.slices}), or no trial can be stopped early"
-            )
-        if r.reduction_factor < 2:
-            raise ConfigError(f"{s}: search.reduction_factor must be >= 2")
-    _non_negative(c.cost.usd_per_gpu_hour, s, "cost.usd_per_gpu_hour")
-    _non_negative(c.cost.usd_per_cpu_hour, s, "cost.usd_per_cpu_hour")
-    e = c.evaluator
-    _positive(e.num_actors, s, "evaluator.num_actors")
-    _positive(e.batch_size, s, "evaluator.batch_size")
-    _positive(e.cpus_per_actor, s, "evaluator.cpus_per_actor")
-    _non_negative(e.gpus_per_actor, s, "evaluator.gpus_per_actor")
-    if e.max_validation_sequences is not None:
-        _positive(e.max_validation_sequences, s, "evaluator.max_validation_sequences")
-    _choice(e.vector_dtype, VECTOR_DTYPES, s, "evaluator.vector_dtype")
-    _choice(e.autocast, AUTOCAST, s, "evaluator.autocast")
-    if e.torch_threads is not None:
-        _positive(e.torch_threads, s, "evaluator.torch_threads")
-    _check_placement(e.memory_gb, e.resources, e.accelerator_type, e.gpus_per_actor, s,
-                     "evaluator", "gpus_per_actor")  # fmt: skip
+def _field_at(loc: tuple[int | str, ...]) -> tuple[Any, FieldInfo | None]:
+    """The annotation (and field, when it is one) at a location of RunConfig, or (None, None)."""
+    annotation: Any = RunConfig
+    info: FieldInfo | None = None
+    for part in loc:
+        annotation = _model_in(annotation) or annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            info = annotation.model_fields.get(str(part))
+            if info is None:
+                return None, None
+            annotation = info.annotation
+        elif get_origin(annotation) is dict:
+            annotation, info = get_args(annotation)[1], None
+        else:
+            return None, None
+    return annotation, info
 
 
-def _check_placement(
-    memory_gb: float | None,
-    resources: dict[str, float],
-    accelerator_type: str | None,
-    gpus: float,
-    s: str,
-    section: str,
-    gpu_key: str,
-) -> None:
-    """What a worker asks Ray for must be schedulable, or the autoscaler waits forever."""
-    if memory_gb is not None:
-        _positive(memory_gb, s, f"{section}.memory_gb")
-    dedicated = {
-        "cpu": f"{section}.{gpu_key.replace('gpus', 'cpus')}",
-        "gpu": f"{section}.{gpu_key}",
-        "memory": f"{section}.memory_gb",
-        "accelerator_type": f"{section}.accelerator_type",
-    }
-    for name, amount in resources.items():
-        key = f"{section}.resources.{name}"
-        kind = name.lower().partition(":")[0]
-        if kind in dedicated:
-            raise ConfigError(
-                f"{s}: '{key}': '{name}' is not a custom resource; set '{dedicated[kind]}' instead"
-            )
-        if kind == "object_store_memory":
-            raise ConfigError(
-                f"{s}: '{key}': Ray sizes the object store per node, not per task; remove it"
-            )
-        _positive(amount, s, key)
-    if accelerator_type is not None:
-        if not accelerator_type.strip():
-            raise ConfigError(f"{s}: '{section}.accelerator_type' is empty; remove it or name "
-                              "one (e.g. A100, H100, L4)")  # fmt: skip
-        if gpus <= 0:
-            raise ConfigError(
-                f"{s}: '{section}.accelerator_type' is {accelerator_type!r} but "
-                f"'{section}.{gpu_key}' is 0; an accelerator type only selects GPU nodes, so "
-                f"set {section}.{gpu_key} > 0 (or remove accelerator_type)"
-            )
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The section model an annotation holds: `X`, `X | None` or `Annotated[X, ...]`."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        others = [a for a in get_args(annotation) if a is not NoneType]
+        annotation = others[0] if len(others) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
 
 
-def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{prefix}' must be a mapping, got {_kind(raw)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(raw, list(fields), source, prefix)
-    hints = get_type_hints(cls)
-    values = {}
-    for key, value in raw.items():
-        values[key] = _typed(value, hints[key], source, f"{prefix}.{key}")
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in values
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+def _type_names(annotation: Any) -> str:
+    """'int', 'int or NoneType', 'str' for a Literal of strings: the words of today's errors."""
+    if get_origin(annotation) is Annotated:
+        return _type_names(get_args(annotation)[0])
+    if get_origin(annotation) is Literal:
+        return " or ".join(dict.fromkeys(_kind(o) for o in get_args(annotation)))
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join(_type_names(a) for a in get_args(annotation))
+    if get_origin(annotation) is dict or annotation is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(info: FieldInfo) -> dict[str, Any]:
+    return {op: getattr(m, op) for m in info.metadata for op in _BOUND_OPS if hasattr(m, op)}
+
+
+def _condition(bounds: dict[str, Any]) -> str:
+    """'> 0', 'in (0, 1]': the range a value must be in, as a user reads it."""
+    text = {op: _plain_number(v) for op, v in bounds.items()}
+    low = next((op for op in ("gt", "ge") if op in text), None)
+    high = next((op for op in ("lt", "le") if op in text), None)
+    if low and high:
+        opening, closing = "(" if low == "gt" else "[", ")" if high == "lt" else "]"
+        return f"in {opening}{text[low]}, {text[high]}{closing}"
+    op = low or high
+    return f"{_BOUND_OPS[op]} {text[op]}" if op else "in range"
+
+
+def _plain_number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+# ---- the README's table ------------------------------------------------------------------
+
+README_START = "<!-- config-table:start -->"
+README_END = "<!-- config-table:end -->"
+
+
+def config_table_markdown() -> str:
+    """The README's `| key | default | meaning |` table, one row per key, in field order."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [
+        "|" + "|".join(f" {cell} " if cell else " " for cell in row) + "|"
+        for row in _rows(RunConfig)
     ]
-    if missing:
-        raise ConfigError(f"{source}: missing required key '{prefix}.{missing[0]}'")
-    return cls(**values)
+    return "\n".join(lines) + "\n"
 
 
-def _typed(value: Any, hint: Any, source: str, key: str) -> Any:
-    """Check one value against a simple type hint (int, float, str, bool, X | None, dict)."""
-    if get_origin(hint) is dict:
-        return _typed_mapping(value, hint, source, key)
-    options = get_args(hint) if get_origin(hint) is not None else (hint,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if option is str and isinstance(value, str):
-            return value
-    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{source}: '{key}' must be {wanted}, got {_kind(value)} {value!r}")
+def _rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    for name, info in model.model_fields.items():
+        if info.exclude:
+            continue
+        key = prefix + name
+        section = _model_in(info.annotation)
+        if get_origin(info.annotation) is dict and _model_in(get_args(info.annotation)[1]):
+            yield from _rows(_model_in(get_args(info.annotation)[1]), f"{key}.<name>.")
+        elif section is not None:
+            yield from _rows(section, f"{key}.")
+        else:
+            yield from _field_rows(key, info)
 
 
-def _typed_mapping(value: Any, hint: Any, source: str, key: str) -> dict:
-    """A {name: value} mapping, e.g. custom resources {"node_a": 1}."""
+def _field_rows(key: str, info: FieldInfo) -> Iterator[tuple[str, str, str]]:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    meaning = info.description or ""
+    note = extra.get("note") or ROLE_NOTES.get(field_role(info))
+    yield (
+        f"`{key}`",
+        str(extra.get("shown") or _shown(info)),
+        _cell(f"{meaning} {note}" if note else meaning),
+    )
+    subkeys = extra.get("subkeys")
+    if subkeys:
+        first, *rest = subkeys
+        cell = " / ".join([f"`{key}.{first}`", *(f"`.{k}`" for k in rest)])
+        yield cell, "", _cell(str(extra.get("subkeys_meaning", "")))
+
+
+def _shown(info: FieldInfo) -> str:
+    """A default as the README writes it: `60`, `1e-4`, `false`, `{}`, none, required."""
+    if info.is_required():
+        return "required"
+    value = info.get_default(call_default_factory=True)
     if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(
-            f"{source}: '{key}' must be a mapping of names to numbers, e.g. {{my_resource: 1}}, "
-            f"got {_kind(value)} {value!r}"
-        )
-    key_hint, value_hint = get_args(hint)
-    out = {}
-    for name, item in value.items():
-        if not isinstance(name, key_hint) or not name:
-            raise ConfigError(f"{source}: '{key}' has a key {name!r} that is not a name")
-        out[name] = _typed(item, value_hint, source, f"{key}.{name}")
-    return out
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value and abs(value) < 1e-3:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"`{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}`"
+    if isinstance(value, dict | tuple | list) and not value:
+        return "`{}`" if isinstance(value, dict) else "`[]`"
+    return f"`{value}`"
 
 
-def _check_keys(raw: dict, known: list[str], source: str, prefix: str) -> None:
-    for key in raw:
-        if key not in known:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
-            raise ConfigError(f"{source}: unknown key '{where}'{hint}")
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
-def _positive(value: float, source: str, key: str) -> None:
-    if value <= 0:
-        raise ConfigError(f"{source}: '{key}' must be > 0, got {value}")
+def readme_with_config_table(text: str) -> str:
+    """`text` with the region between the config-table markers replaced by the table."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no {README_START} ... {README_END} region in the README")
+    return f"{text[: start + len(README_START)]}\n{config_table_markdown()}{text[end:]}"
 
 
-def _non_negative(value: float, source: str, key: str) -> None:
-    if value < 0:
-        raise ConfigError(f"{source}: '{key}' must be >= 0, got {value}")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dem_ray.config [--write-readme README.md]`: print or rewrite the table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dem_ray.config",
+        description="Print the run config's key table, or rewrite it in the README.",
+    )
+    parser.add_argument(
+        "--write-readme",
+        metavar="README",
+        type=Path,
+        help="rewrite the table between the config-table markers of this file",
+    )
+    args = parser.parse_args(argv)
+    if args.write_readme is None:
+        sys.stdout.write(config_table_markdown())
+        return 0
+    text = args.write_readme.read_text()
+    updated = readme_with_config_table(text)
+    if updated != text:
+        args.write_readme.write_text(updated)
+    print(f"{args.write_readme}: config table {'updated' if updated != text else 'up to date'}")
+    return 0
 
 
-def _choice(value: str, options: tuple[str, ...], source: str, key: str) -> None:
-    if value not in options:
-        raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(options)}")
-
-
-def _kind(value: Any) -> str:
-    return type(value).__name__
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -48,15 +48,28 @@ def ray_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny Llama (tied embeddings) with a BPE tokenizer trained on the test styles."""
-    from dem_ray.tiny import make_tiny_model, synthetic_corpus
+    from dem_ray.models.tiny import make_tiny_model, synthetic_corpus
 
     texts = [t for s in STYLES for t in synthetic_corpus(s, 150, seed=7)]
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "base", texts)
 
 
 @pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory) -> Path:
+    """The tiny Llama after a short pre-training on all three styles: a base that knows
+    something, so specialists and composites behave as they would on a real model."""
+    from dem_ray.models.tiny import make_tiny_model, pretrain_tiny_model, synthetic_corpus
+
+    texts = [t for s in STYLES for t in synthetic_corpus(s, 150, seed=7)]
+    base = make_tiny_model(tmp_path_factory.mktemp("pretrained") / "base", texts)
+    pretrain_tiny_model(base, [t for s in STYLES for t in synthetic_corpus(s, 100, seed=11)],
+                        steps=150)  # fmt: skip
+    return base
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
-    from dem_ray.tiny import synthetic_corpus, write_jsonl
+    from dem_ray.models.tiny import synthetic_corpus, write_jsonl
 
     root = tmp_path_factory.mktemp("data")
     return {s: write_jsonl(root / f"{s}.jsonl", synthetic_corpus(s, 160, seed=1)) for s in STYLES}
@@ -115,18 +128,26 @@ def stand_in_run(raw: dict, config_path: Path, noise: float = 0.02):
 
     config_path.write_text(json.dumps(raw))
     pipeline = Pipeline(parse_config(raw, source=str(config_path)))
-    pipeline.preflight()
-    pipeline.stage_prepare()
-    base = load_file(pipeline.base_dir / "model.safetensors")
+    pipeline.open()
+    pipeline.run_command("prepare")
+    base = load_file(pipeline.ctx.base_dir / "model.safetensors")
     for i, name in enumerate(pipeline.names):
-        out = pipeline.finetune_dir(name)
-        shutil.copytree(pipeline.base_dir, out)
+        out = pipeline.layout.finetune(name)
+        shutil.copytree(pipeline.ctx.base_dir, out)
         gen = torch.Generator().manual_seed(i)
         moved = {k: v + noise * torch.randn(v.shape, generator=gen) for k, v in base.items()}
         save_file(moved, out / "model.safetensors", metadata={"format": "pt"})
-        pipeline.manifest.record(f"finetune/{name}", pipeline._finetune_inputs(name), [out])
-    pipeline.stage_vectors()
+        record_finetune(pipeline, name)
+    pipeline.run_command("vectors")
     return pipeline
+
+
+def record_finetune(pipeline, name: str) -> None:
+    """Record `finetune/<name>` as the finetune stage would, for what is in its dir now."""
+    from dem_ray.stages.finetune import FinetuneStage
+
+    [step] = [s for s in FinetuneStage().steps(pipeline.ctx) if s.key == f"finetune/{name}"]
+    pipeline.ctx.record(step, [pipeline.layout.finetune(name)])
 
 
 def _free_ports(count: int) -> list[int]:

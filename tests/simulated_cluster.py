@@ -14,7 +14,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from dem_ray.config import parse_config
-from dem_ray.pipeline import STAGES, Pipeline
+from dem_ray.pipeline import Pipeline
+from dem_ray.stages import COMMANDS
 
 MIB = 1024**2
 
@@ -42,14 +43,14 @@ def main(config_path: str, temp_dir: str, gcs: int, dashboard: int) -> None:
 
     raw = json.loads(Path(config_path).read_text())
     pipeline = Pipeline(parse_config(raw, source=config_path), ray_address=cluster.address)
-    pipeline.preflight()
-    for stage in STAGES:
-        getattr(pipeline, f"stage_{stage}")()
+    pipeline.open()
+    for command in COMMANDS:
+        pipeline.run_command(command)
     finetunes = {
         n: roles[pipeline.manifest.entry(f"finetune/{n}")["node_id"]] for n in pipeline.names
     }
-    evaluators = sorted(roles[ray.get(a.info.remote())["node_id"]] for a in pipeline.pool())
-    pipeline.release_pool()
+    evaluators = sorted(roles[ray.get(a.info.remote())["node_id"]] for a in pipeline.evaluators())
+    pipeline.ctx.pool.release()
     print(json.dumps({"ran": pipeline.ran, "finetunes": finetunes, "evaluators": evaluators}))
     ray.shutdown()
     cluster.shutdown()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import stand_in_run
+from conftest import record_finetune, stand_in_run
 from safetensors.torch import load_file, save_file
 
 from dem_ray.cli import main
@@ -122,7 +122,7 @@ def test_pickle_checkpoint_refused(capsys, setup, tmp_path, tiny_base):
 
 def test_finetune_with_different_tensors_is_refused_naming_the_tensor(capsys, setup, tiny_base):
     """The vectors stage on a fine-tune whose tensor shape differs from the base."""
-    from dem_ray.manifest import Manifest, hash_json
+    from dem_ray.run.manifest import Manifest, hash_json
 
     raw, write, run_dir, _ = setup
     manifest = Manifest(run_dir)
@@ -250,7 +250,7 @@ def test_merge_weights_outside_the_space(capsys, stood_in):
 def test_nan_in_a_vector_is_refused_naming_file_and_tensor(capsys, stood_in):
     pipeline, setup = stood_in
     raw, write, run_dir, _ = setup
-    vector = pipeline.vector_path("code")
+    vector = pipeline.layout.vector("code")
     tensors = load_file(vector)
     tensors["model.norm.weight"][3] = float("nan")
     save_file(tensors, vector)
@@ -268,7 +268,7 @@ def test_nan_in_a_vector_is_refused_naming_file_and_tensor(capsys, stood_in):
 def test_inf_in_a_finetuned_checkpoint_is_refused(capsys, stood_in):
     pipeline, setup = stood_in
     raw, write, run_dir, _ = setup
-    ckpt = pipeline.finetune_dir("letters") / "model.safetensors"
+    ckpt = pipeline.layout.finetune("letters") / "model.safetensors"
     tensors = load_file(ckpt)
     tensors["model.norm.weight"][0] = float("inf")
     save_file(tensors, ckpt, metadata={"format": "pt"})
@@ -276,7 +276,7 @@ def test_inf_in_a_finetuned_checkpoint_is_refused(capsys, stood_in):
     before = snapshot(run_dir)
     code, err = run_cli(capsys, "vectors", write(raw))
     assert code == 2
-    assert str(pipeline.finetune_dir("letters")) in err and "model.norm.weight" in err
+    assert str(pipeline.layout.finetune("letters")) in err and "model.norm.weight" in err
     assert "NaN or Inf" in err and "learning_rate" in err
     assert_untouched(before, snapshot(run_dir))
 
@@ -284,7 +284,7 @@ def test_inf_in_a_finetuned_checkpoint_is_refused(capsys, stood_in):
 def test_finetune_with_another_tokenizer_is_refused(capsys, stood_in):
     pipeline, setup = stood_in
     raw, write, run_dir, _ = setup
-    tok = pipeline.finetune_dir("code") / "tokenizer.json"
+    tok = pipeline.layout.finetune("code") / "tokenizer.json"
     spec = json.loads(tok.read_text())
     vocab = spec["model"]["vocab"]
     a, b = list(vocab)[10], list(vocab)[11]
@@ -294,7 +294,7 @@ def test_finetune_with_another_tokenizer_is_refused(capsys, stood_in):
     before = snapshot(run_dir)
     code, err = run_cli(capsys, "vectors", write(raw))
     assert code == 2
-    assert str(pipeline.finetune_dir("code")) in err and "another vocabulary" in err
+    assert str(pipeline.layout.finetune("code")) in err and "another vocabulary" in err
     assert "2 mapped differently" in err
     assert_untouched(before, snapshot(run_dir))
 
@@ -302,7 +302,7 @@ def test_finetune_with_another_tokenizer_is_refused(capsys, stood_in):
 def test_pickle_only_finetune_is_refused(capsys, stood_in):
     pipeline, setup = stood_in
     raw, write, run_dir, _ = setup
-    ft = pipeline.finetune_dir("numbers")
+    ft = pipeline.layout.finetune("numbers")
     (ft / "model.safetensors").unlink()
     torch.save({"w": torch.zeros(1)}, ft / "pytorch_model.bin")
     _rerecord_finetune(pipeline, "numbers")
@@ -316,8 +316,7 @@ def test_pickle_only_finetune_is_refused(capsys, stood_in):
 def _rerecord_finetune(pipeline, name: str) -> None:
     """Record an edited fine-tune as the stage's output, so only the edit is at fault, and
     invalidate its vector so the vectors stage reads it."""
-    pipeline.manifest.record(f"finetune/{name}", pipeline._finetune_inputs(name),
-                             [pipeline.finetune_dir(name)])  # fmt: skip
+    record_finetune(pipeline, name)
 
 
 @pytest.mark.parametrize(
@@ -328,7 +327,7 @@ def _rerecord_finetune(pipeline, name: str) -> None:
     ],
 )
 def test_evaluator_out_of_memory_says_what_to_change(stood_in, monkeypatch, where, error):
-    from dem_ray import evaluator as ev
+    from dem_ray.ray import evaluator as ev
 
     pipeline, (_, _, run_dir, _) = stood_in
 
@@ -339,9 +338,9 @@ def test_evaluator_out_of_memory_says_what_to_change(stood_in, monkeypatch, wher
     before = snapshot(run_dir)
     with pytest.raises(ev.EvaluatorMemoryError) as info:
         e = ev.Evaluator(
-            str(pipeline.base_dir),
-            [str(pipeline.vector_path(n)) for n in pipeline.names],
-            {n: str(pipeline.shard_path(n, "validation")) for n in pipeline.names},
+            str(pipeline.ctx.base_dir),
+            [str(pipeline.layout.vector(n)) for n in pipeline.names],
+            {n: str(pipeline.layout.shard(n, "validation")) for n in pipeline.names},
             device="cpu",
         )
         e.evaluate([0.3, 0.3, 0.4])
@@ -352,7 +351,7 @@ def test_evaluator_out_of_memory_says_what_to_change(stood_in, monkeypatch, wher
 
 
 def test_other_runtime_errors_are_not_mistaken_for_out_of_memory(stood_in, monkeypatch):
-    from dem_ray import evaluator as ev
+    from dem_ray.ray import evaluator as ev
 
     pipeline, _ = stood_in
 
@@ -360,23 +359,23 @@ def test_other_runtime_errors_are_not_mistaken_for_out_of_memory(stood_in, monke
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(ev, "token_nll", fail)
-    e = ev.Evaluator(str(pipeline.base_dir), [str(pipeline.vector_path(n)) for n in pipeline.names],
-                     {"code": str(pipeline.shard_path("code", "validation"))}, device="cpu")  # fmt: skip
+    e = ev.Evaluator(str(pipeline.ctx.base_dir), [str(pipeline.layout.vector(n)) for n in pipeline.names],
+                     {"code": str(pipeline.layout.shard("code", "validation"))}, device="cpu")  # fmt: skip
     with pytest.raises(RuntimeError, match="shape mismatch") as info:
         e.evaluate([0.3, 0.3, 0.4])
     assert not isinstance(info.value, ev.EvaluatorMemoryError)
 
 
 def test_evaluate_checkpoint_refuses_pickles(stood_in, tmp_path):
-    from dem_ray.evaluator import Evaluator
-    from dem_ray.models import ModelError
+    from dem_ray.models.base import ModelError
+    from dem_ray.ray.evaluator import Evaluator
 
     pipeline, _ = stood_in
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    shutil.copy(pipeline.base_dir / "config.json", pickled / "config.json")
+    shutil.copy(pipeline.ctx.base_dir / "config.json", pickled / "config.json")
     torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
-    e = Evaluator(str(pipeline.base_dir), [], {"code": str(pipeline.shard_path("code", "validation"))},
+    e = Evaluator(str(pipeline.ctx.base_dir), [], {"code": str(pipeline.layout.shard("code", "validation"))},
                   device="cpu")  # fmt: skip
     with pytest.raises(ModelError, match="pytorch_model.bin.*refuses pickles"):
         e.evaluate_checkpoint(str(pickled))

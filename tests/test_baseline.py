@@ -11,17 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dem_ray.baseline import mixture_id, mixtures, steps_per_mixture
 from dem_ray.config import BaselineConfig, FinetuneConfig, parse_config
-from dem_ray.finetune import sample_batch
+from dem_ray.core.mixtures import mixture_id, mixtures, steps_per_mixture
 from dem_ray.pipeline import Pipeline
+from dem_ray.ray.finetune import sample_batch
 
 
 def test_mixture_grid_and_fair_budget():
     grid = mixtures(BaselineConfig(grid_step=0.5), ["a", "b"])
     assert grid == [{"a": 1.0, "b": 0.0}, {"a": 0.5, "b": 0.5}, {"a": 0.0, "b": 1.0}]
     assert len(mixtures(BaselineConfig(grid_step=1 / 3), ["a", "b", "c"])) == 10
-    assert mixture_id({"a": 0.5, "b": 0.5}) == "a0.500-b0.500"
+    assert mixture_id({"a": 0.5, "b": 0.5}) == "a0.5-b0.5"
     hp = FinetuneConfig(max_steps=7)
     assert steps_per_mixture(BaselineConfig(grid_step=0.5), hp, 3) == 21
     assert steps_per_mixture(BaselineConfig(grid_step=0.5, steps=4), hp, 3) == 4
@@ -96,12 +96,12 @@ def test_best_mixture_is_kept_as_a_model(compared):
     assert json.loads((best_dir / "dem_ray_mixture.json").read_text())["id"] == best["id"]
     assert not (pipeline.run_dir / "baseline" / "mixtures").exists()  # only the best is kept
     # The same evaluator and shards: the best mixture's perplexity recomputes.
-    from dem_ray.perplexity import perplexity, token_nll
+    from dem_ray.core.perplexity import perplexity, token_nll
 
     model = AutoModelForCausalLM.from_pretrained(best_dir).eval()
     limit = 16
     for name in pipeline.names:
-        rows = load_file(pipeline.shard_path(name, "validation"))["input_ids"][:limit]
+        rows = load_file(pipeline.layout.shard(name, "validation"))["input_ids"][:limit]
         expected = perplexity(*token_nll(model, rows, batch_size=4))
         assert report["ppl"]["baseline/best"][name] == pytest.approx(expected, rel=1e-4)
 
@@ -173,7 +173,7 @@ def test_markdown_and_html_show_the_numbers_of_the_json(compared):
 
 def test_a_report_without_a_baseline_drops_the_earlier_plots(compared, tmp_path):
     """After a dataset is added (no baseline section), report/ must not keep the old plots."""
-    from dem_ray.report import write_report
+    from dem_ray.report.render import write_report
 
     pipeline, _ = compared
     out = tmp_path / "report"

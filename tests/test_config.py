@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from dem_ray.config import (
+    ALGORITHMS,
+    BaselineConfig,
     BaseModelSpec,
     ConfigError,
+    CostConfig,
     DatasetConfig,
     EvaluatorConfig,
     FinetuneConfig,
     RunConfig,
     SearchConfig,
+    field_role,
     load_config,
     parse_config,
+    result_settings,
 )
 
 
@@ -70,7 +77,7 @@ def test_minimal_config_parses_with_defaults(tmp_path: Path) -> None:
     assert config.search.algorithm == "tpe"
     assert config.search.objective == "macro"
     assert config.evaluator.vector_dtype == "float32"
-    assert config.section("finetune") == dataclasses.asdict(FinetuneConfig())
+    assert config.section("finetune") == FinetuneConfig().model_dump()
 
 
 def test_full_config_values_are_typed(tmp_path: Path) -> None:
@@ -457,5 +464,248 @@ def test_load_config_empty_file(tmp_path: Path) -> None:
 
 def test_config_is_frozen() -> None:
     config = parse_config(minimal())
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         config.finetune.max_steps = 3  # type: ignore[misc]
+
+
+# -- pydantic models: plain data in and out -------------------------------------------------
+
+
+SECTIONS = {
+    "finetune": FinetuneConfig,
+    "search": SearchConfig,
+    "evaluator": EvaluatorConfig,
+    "cost": CostConfig,
+}
+
+
+@pytest.mark.parametrize("cls", [*SECTIONS.values(), DatasetConfig, BaselineConfig])
+def test_sections_rebuild_from_their_dump(cls) -> None:
+    """Ray workers get a section as a plain dict and rebuild it."""
+    raw = minimal()
+    raw["baseline"] = {"mixtures": [{"prose": 1, "code": 3}]}
+    raw["finetune"] = {"resources": {"trainer": 1}, "max_concurrent": 2}
+    config = parse_config(raw)
+    section = {
+        DatasetConfig: config.datasets["code"],
+        BaselineConfig: config.baseline,
+        **{c: getattr(config, n) for n, c in SECTIONS.items()},
+    }[cls]
+    dump = section.model_dump()
+    assert cls(**dump) == section
+    assert cls.model_validate(json.loads(json.dumps(dump))) == section  # plain JSON data
+
+
+def test_mixtures_normalised_over_every_dataset_in_config_order() -> None:
+    raw = {**minimal(), "baseline": {"mixtures": [{"prose": 1, "code": 3}, {"prose": 2}]}}
+    baseline = parse_config(raw).baseline
+    assert baseline.mixtures == ((("code", 0.75), ("prose", 0.25)), (("code", 0.0), ("prose", 1.0)))
+    assert baseline.mixture_dicts() == [{"code": 0.75, "prose": 0.25}, {"code": 0.0, "prose": 1.0}]
+
+
+def test_model_copy_and_defaults() -> None:
+    search = SearchConfig().model_copy(update={"algorithm": "grid", "grid_step": 0.5})
+    assert (search.algorithm, search.grid_step, search.num_trials) == ("grid", 0.5, 24)
+    assert FinetuneConfig(max_steps=7).max_steps == 7
+    assert BaselineConfig(grid_step=0.5).mixtures == ()
+    assert hash(BaseModelSpec("x")) == hash(BaseModelSpec("x", kind=None))
+    assert str(BaseModelSpec("m.gguf", "gguf")) == "m.gguf"
+
+
+def test_direct_construction_is_validated_too() -> None:
+    with pytest.raises(ValidationError, match="greater than 0"):
+        FinetuneConfig(max_steps=0)
+    with pytest.raises(ValidationError, match="'gpus_per_worker' is 0"):
+        FinetuneConfig(accelerator_type="A100")
+    with pytest.raises(ValidationError, match="unknown key 'learning_rat'"):
+        FinetuneConfig(learning_rat=1)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="exactly one of grid_step or mixtures"):
+        BaselineConfig()
+
+
+def test_source_is_not_a_config_key() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'source'"):
+        parse_config({**minimal(), "source": "elsewhere.yaml"})
+    assert "source" not in parse_config(minimal()).model_dump()
+
+
+# -- strict types ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("max_steps", True, "'finetune.max_steps' must be int, got bool True"),
+        ("max_steps", 3.0, "'finetune.max_steps' must be int, got float 3.0"),
+        ("learning_rate", "1e-4", "'finetune.learning_rate' must be float, got str '1e-4'"),
+        ("learning_rate", True, "'finetune.learning_rate' must be float, got bool True"),
+        ("torch_threads", "2", "'finetune.torch_threads' must be int or NoneType, got str '2'"),
+        ("memory_gb", False, "'finetune.memory_gb' must be float or NoneType, got bool False"),
+        ("accelerator_type", 100, "'finetune.accelerator_type' must be str or NoneType, got int"),
+    ],
+)
+def test_strict_types(key, value, fragment) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({**minimal(), "finetune": {key: value}}, source="run.yaml")
+    assert str(info.value).startswith(f"run.yaml: {fragment}")
+
+
+def test_an_int_is_a_float_but_nothing_else_is_coerced() -> None:
+    config = parse_config({**minimal(), "finetune": {"weight_decay": 0, "cpus_per_worker": 2}})
+    assert type(config.finetune.weight_decay) is float and config.finetune.cpus_per_worker == 2.0
+    assert type(config.cost.usd_per_gpu_hour) is float
+    with pytest.raises(ValidationError):
+        SearchConfig(num_trials="3")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        SearchConfig(compare_grid=1)  # type: ignore[arg-type]
+
+
+# -- ranges live on the fields --------------------------------------------------------------
+
+
+BOUNDED = {**SECTIONS, "baseline": BaselineConfig, "datasets.code": DatasetConfig}
+
+
+def _bounded_fields():
+    for section, cls in BOUNDED.items():
+        for key, info in cls.model_fields.items():
+            for constraint in info.metadata:
+                for op in ("gt", "ge", "lt", "le"):
+                    if hasattr(constraint, op):
+                        yield section, key, op, getattr(constraint, op)
+
+
+@pytest.mark.parametrize(("section", "key", "op", "bound"), list(_bounded_fields()))
+def test_every_bound_on_a_field_is_enforced_with_the_key_named(section, key, op, bound) -> None:
+    """The range is declared once on the field; a value just outside fails, naming the key."""
+    annotation = BOUNDED[section].model_fields[key].annotation
+    step = 1 if int in (annotation, *get_args(annotation)) else 0.5
+    value = {"gt": bound, "ge": bound - step, "lt": bound, "le": bound + step}[op]
+    raw = minimal()
+    raw["baseline"] = {"grid_step": 0.5}
+    target = raw["datasets"]["code"] if section == "datasets.code" else raw.setdefault(section, {})
+    target[key] = value
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, source="run.yaml")
+    message = str(info.value)
+    assert message.startswith("run.yaml: ") and f"{section}.{key}" in message, message
+    assert " must be " in message and message.endswith(f"got {value}"), message
+
+
+def test_ranges_are_in_the_json_schema() -> None:
+    finetune = FinetuneConfig.model_json_schema()["properties"]
+    assert finetune["max_steps"]["exclusiveMinimum"] == 0
+    assert finetune["seq_len"]["minimum"] == 2
+    dataset = DatasetConfig.model_json_schema()["properties"]["validation_fraction"]
+    assert (dataset["exclusiveMinimum"], dataset["exclusiveMaximum"]) == (0, 1)
+    assert SearchConfig.model_json_schema()["properties"]["algorithm"]["enum"] == list(ALGORITHMS)
+
+
+# -- roles: what never re-runs a stage ------------------------------------------------------
+
+# Every field of every section, sorted by role. A new field fails this test until it is put in
+# one of the sets: a key that only places or paces work must not invalidate finished stages.
+ROLES = {
+    DatasetConfig: {
+        "result": {
+            "path",
+            "text_field",
+            "validation_path",
+            "validation_fraction",
+            "max_train_documents",
+        },
+    },
+    FinetuneConfig: {
+        "result": {
+            "max_steps",
+            "batch_size",
+            "seq_len",
+            "learning_rate",
+            "weight_decay",
+            "warmup_steps",
+            "num_workers",
+            "seed",
+        },
+        "resource": {
+            "log_every",
+            "torch_threads",
+            "cpus_per_worker",
+            "gpus_per_worker",
+            "max_concurrent",
+            "max_failures",
+            "checkpoint_every",
+            "memory_gb",
+            "resources",
+            "accelerator_type",
+        },
+    },
+    SearchConfig: {
+        "result": {
+            "space",
+            "algorithm",
+            "seed",
+            "objective",
+            "grid_step",
+            "warm_start",
+            "scheduler",
+            "slices",
+            "grace_slices",
+            "reduction_factor",
+        },
+        "resource": {"max_concurrent"},
+        "extent": {"num_trials", "compare_grid"},
+    },
+    EvaluatorConfig: {
+        "result": {"max_validation_sequences", "vector_dtype", "autocast"},
+        "resource": {
+            "num_actors",
+            "gpus_per_actor",
+            "cpus_per_actor",
+            "batch_size",
+            "torch_threads",
+            "memory_gb",
+            "resources",
+            "accelerator_type",
+        },
+    },
+    BaselineConfig: {"result": {"grid_step", "mixtures", "steps", "keep_all"}},
+    CostConfig: {"result": {"usd_per_gpu_hour", "usd_per_cpu_hour"}},
+}
+
+
+@pytest.mark.parametrize("cls", list(ROLES), ids=lambda c: c.__name__)
+def test_every_field_has_a_decided_role(cls) -> None:
+    actual: dict[str, set[str]] = {}
+    for name, info in cls.model_fields.items():
+        actual.setdefault(field_role(info), set()).add(name)
+    assert actual == ROLES[cls]
+
+
+def test_every_section_model_is_in_the_roles_table() -> None:
+    def models_in(annotation) -> set:
+        found = (
+            {annotation}
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else set()
+        )
+        return found.union(*(models_in(a) for a in get_args(annotation)))
+
+    sections = set().union(*(models_in(f.annotation) for f in RunConfig.model_fields.values()))
+    assert sections == set(ROLES)
+
+
+def test_result_settings_leave_out_resources_and_extent() -> None:
+    base = FinetuneConfig()
+    assert set(result_settings(base)) == ROLES[FinetuneConfig]["result"]
+    placed = base.model_copy(
+        update={"gpus_per_worker": 1.0, "resources": {"big": 2.0}, "log_every": 1}
+    )
+    assert result_settings(placed) == result_settings(base)
+    assert result_settings(base.model_copy(update={"max_steps": 61})) != result_settings(base)
+    search = SearchConfig()
+    longer = search.model_copy(update={"num_trials": 48, "compare_grid": True, "max_concurrent": 8})
+    assert result_settings(longer) == result_settings(search)
+    assert set(result_settings(search)) == ROLES[SearchConfig]["result"]
+    assert set(result_settings(EvaluatorConfig())) == ROLES[EvaluatorConfig]["result"]
+    # A whole section's dump still has everything (for the record of what ran).
+    assert set(parse_config(minimal()).section("search")) == set(SearchConfig.model_fields)

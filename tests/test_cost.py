@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dem_ray import cost
+from dem_ray.core import cost
 
 
 def test_flops_six_per_trained_token_two_per_evaluated_token():

@@ -1,4 +1,4 @@
-"""Tests for dem_ray.data: reading every supported format, splitting, and packing tokens."""
+"""Tests for dem_ray.data.readers: reading every supported format, splitting, and packing tokens."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dem_ray.data import DataError, read_documents, split_documents, tokenize_and_pack
-from dem_ray.tiny import synthetic_corpus, train_tokenizer, write_jsonl
+from dem_ray.data.readers import DataError, read_documents, split_documents, tokenize_and_pack
+from dem_ray.models.tiny import synthetic_corpus, train_tokenizer, write_jsonl
 
 DOCS = ["first document", "second one\nwith two lines", "third"]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dem_ray.evaluator import Evaluator
-from dem_ray.vectors import load_tensors
+from dem_ray.core.vectors import load_tensors
+from dem_ray.ray.evaluator import Evaluator
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 from dem_ray.cli import main
 from dem_ray.config import parse_config
-from dem_ray.manifest import Manifest, sha256_file
 from dem_ray.pipeline import Pipeline
-from dem_ray.search import read_trials, remaining_grid_points, resume_trials, run_search
+from dem_ray.ray.search import read_trials, remaining_grid_points, resume_trials, run_search
+from dem_ray.run.manifest import Manifest, sha256_file
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def lines_in(path: Path) -> int:
 # ---- 1. an evaluator actor dies mid-search ------------------------------------------------------
 def test_evaluator_killed_mid_search_is_restarted_and_the_trial_retried(ray_session, stand_in):
     pipeline, raw, _ = stand_in(search={"num_trials": 10, "max_concurrent": 2})
-    pool = pipeline.pool()
+    pool = pipeline.evaluators()
     first_pid = ray.get(pool[0].info.remote())["pid"]
     out = pipeline.run_dir / "search"
     outcome: dict = {}
@@ -61,7 +61,7 @@ def test_evaluator_killed_mid_search_is_restarted_and_the_trial_retried(ray_sess
     def search() -> None:
         try:
             outcome["trials"] = run_search(
-                pipeline.cfg.search, pipeline._space, pool, out, pipeline.run_dir / "ray_tune"
+                pipeline.cfg.search, pipeline.ctx.space, pool, out, pipeline.run_dir / "ray_tune"
             )
         except BaseException as exc:  # noqa: BLE001 - inspected below
             outcome["error"] = exc
@@ -82,7 +82,7 @@ def test_evaluator_killed_mid_search_is_restarted_and_the_trial_retried(ray_sess
         assert info["pid"] != first_pid  # a new process: the actor was really restarted
         assert info["calls"] >= 1  # and the restarted actor served the rest
     finally:
-        pipeline.release_pool()
+        pipeline.ctx.pool.release()
 
 
 # ---- 2. the driver dies mid-search --------------------------------------------------------------
@@ -104,6 +104,7 @@ def _kill_processes_under(temp_dir: Path) -> None:
 def test_driver_killed_mid_search_resumes_without_rerunning(ray_session, stand_in, caplog):
     total = 16
     pipeline, raw, config_path = stand_in(search={"num_trials": total, "max_concurrent": 2})
+    pipeline.close()  # the child `dem-ray search` takes the run dir's lock
     trials_path = pipeline.run_dir / "search" / "trials.jsonl"
     temp_dir = Path(f"/tmp/drk-{os.getpid()}")
     # `dem-ray search`, on a private Ray of its own (ensure_ray keeps an initialised one).
@@ -134,13 +135,13 @@ def test_driver_killed_mid_search_resumes_without_rerunning(ray_session, stand_i
     assert Manifest(pipeline.run_dir).entry("search") is None  # not marked done
 
     resumed = Pipeline(parse_config(raw, source=str(config_path)))
-    resumed.preflight()
-    with caplog.at_level(logging.INFO, logger="dem_ray.search"):
-        resumed.stage_search()
+    resumed.open()
+    with caplog.at_level(logging.INFO, logger="dem_ray.ray.search"):
+        resumed.run_command("search")
     try:
-        calls = ray.get(resumed._pool[0].info.remote())["calls"]
+        calls = ray.get(resumed.ctx.pool.actors[0].info.remote())["calls"]
     finally:
-        resumed.release_pool()
+        resumed.ctx.pool.release()
     trials = read_trials(trials_path)
     assert len(trials) == total
     assert trials[: len(kept)] == kept  # the finished trials are kept as they were
@@ -183,23 +184,33 @@ def test_resumed_grid_skips_the_points_already_evaluated():
 def test_finetune_worker_killed_resumes_from_its_checkpoint(
     ray_session, stand_in, tmp_path, monkeypatch
 ):
-    from dataclasses import replace
+    from ray import cloudpickle
 
-    from dem_ray.finetune import FAULT_ENV, FinetuneJob, run_finetunes
+    from dem_ray.ray import finetune
+    from dem_ray.ray.finetune import FinetuneJob, run_finetunes
 
     pipeline, _, _ = stand_in()
-    hp = replace(pipeline.cfg.finetune, max_steps=6, checkpoint_every=2, batch_size=4)
-    shard = {"code": str(pipeline.shard_path("code", "train"))}
-    base = str(pipeline.base_dir)
+    hp = pipeline.cfg.finetune.model_copy(
+        update={"max_steps": 6, "checkpoint_every": 2, "batch_size": 4}
+    )
+    shard = {"code": str(pipeline.layout.shard("code", "train"))}
+    base = str(pipeline.ctx.base_dir)
     jobs = [
         FinetuneJob("plain", base, shard, str(tmp_path / "plain")),
         FinetuneJob("faulty", base, shard, str(tmp_path / "faulty")),
     ]
-    monkeypatch.setenv(FAULT_ENV, "3:faulty")  # the worker exits after step 3, once
+    marker = tmp_path / "fault-fired"
+    # The worker of "faulty" exits abruptly after step 3, once (the marker stops it firing
+    # again after Ray Train restarts the worker from the checkpoint of step 2).
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     storage = tmp_path / "ray_train"
-    results, errors = run_finetunes(jobs, hp, storage)
+    monkeypatch.setattr(finetune, "AFTER_STEP", _exit_once(marker, "faulty", 3, storage))
+    try:
+        results, errors = run_finetunes(jobs, hp, storage)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert errors == {}
-    assert (storage / ".fault-faulty").exists()  # the fault really fired
+    assert marker.exists()  # the fault really fired
     plain, faulty = results["plain"], results["faulty"]
     assert faulty["resumed_from_step"] == 2 and plain["resumed_from_step"] == 0
     assert faulty["tokens"] == plain["tokens"] == 6 * 4 * 32
@@ -210,8 +221,28 @@ def test_finetune_worker_killed_resumes_from_its_checkpoint(
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
 
 
+def _exit_once(marker: Path, job: str, at_step: int, storage: Path):
+    """A worker hook: exit abruptly after `at_step`, once the Ray Train controller has
+    registered the checkpoint reported before it (it writes its checkpoint manager's
+    snapshot when it does; dying before that would lose the checkpoint, as it would
+    for any real crash that soon after a report)."""
+
+    def after_step(name: str, step: int, rank: int) -> None:
+        if name != job or rank != 0 or step != at_step or marker.exists():
+            return
+        deadline = time.monotonic() + 120
+        while not list(storage.glob(f"finetune-{job}-*/checkpoint_manager_snapshot.json")):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the controller never registered the checkpoint")
+            time.sleep(0.05)
+        marker.write_text(f"killed after step {step}\n")
+        os._exit(1)
+
+    return after_step
+
+
 def test_sampler_replay_counts_the_rows_the_lost_steps_drew():
-    from dem_ray.finetune import rows_before, sample_batch, step_generator
+    from dem_ray.ray.finetune import rows_before, sample_batch, step_generator
 
     shards = [torch.zeros(5, 4), torch.ones(7, 4)]
     probs = torch.tensor([0.3, 0.7], dtype=torch.float64)
@@ -222,25 +253,25 @@ def test_sampler_replay_counts_the_rows_the_lost_steps_drew():
 # ---- 4. killed while writing --------------------------------------------------------------------
 WRITERS = {
     "vector": (
-        "dem_ray.vectors.save_file",
-        "from dem_ray.vectors import save_tensors\n"
+        "os.fsync",
+        "from dem_ray.core.vectors import save_tensors\n"
         "save_tensors({'w': torch.full((64, 64), 2.0)}, target)",
     ),
     "manifest": (
         "os.fsync",
-        "from dem_ray.manifest import write_text_atomic\n"
+        "from dem_ray.run.manifest import write_text_atomic\n"
         "write_text_atomic(target, 'a newer manifest ' * 1000)",
     ),
     "merged model": (
-        "dem_ray.models.copy_tokenizer",
-        "from dem_ray.merge import merge_to_dir\n"
-        "merge_to_dir(base, [vector], [2.0], target, tokenizer_src=base)",
+        "shutil.copy2",
+        "from dem_ray.core.merge import merge_to_dir\n"
+        "merge_to_dir(base, [vector], [2.0], target, side_files=[base / 'tokenizer.json'])",
     ),
 }
 CHILD = """
-import os, sys, time, torch
+import os, shutil, sys, time, torch
 from pathlib import Path
-import dem_ray.models, dem_ray.vectors, dem_ray.merge
+import dem_ray.models.base, dem_ray.core.vectors, dem_ray.core.merge
 target, base, vector, ready = (Path(a) for a in sys.argv[1:5])
 def stall(*args, **kwargs):
     # Part of the new version is on disk (or all of it, not yet renamed): stop here.
@@ -255,8 +286,8 @@ def stall(*args, **kwargs):
 
 @pytest.mark.parametrize("what", sorted(WRITERS))
 def test_killed_mid_write_leaves_the_previous_version(what, tmp_path, tiny_base):
-    from dem_ray.merge import merge_to_dir
-    from dem_ray.vectors import save_tensors
+    from dem_ray.core.merge import merge_to_dir
+    from dem_ray.core.vectors import save_tensors
 
     target_attr, write = WRITERS[what]
     vector = tmp_path / "v.safetensors"
@@ -264,7 +295,7 @@ def test_killed_mid_write_leaves_the_previous_version(what, tmp_path, tiny_base)
     save_tensors({k: torch.ones_like(v) for k, v in base_tensors.items()}, vector)
     if what == "merged model":
         target = tmp_path / "merged"
-        merge_to_dir(tiny_base, [vector], [1.0], target, tokenizer_src=tiny_base)
+        merge_to_dir(tiny_base, [vector], [1.0], target, side_files=[tiny_base / "tokenizer.json"])
     elif what == "vector":
         target = tmp_path / "code.safetensors"
         save_tensors({"w": torch.ones(64, 64)}, target)
@@ -301,7 +332,7 @@ def _tree(path: Path) -> dict[str, str]:
 
 def test_a_kill_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
     """Where the atomic exchange is unavailable, the old dir survives as .NAME.old."""
-    from dem_ray import models
+    from dem_ray.core import atomic as models
 
     final = tmp_path / "merged"
     final.mkdir()
@@ -327,7 +358,7 @@ def test_a_kill_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
 
 
 def test_replace_dir_swaps_atomically_on_linux(tmp_path):
-    from dem_ray.models import _exchange
+    from dem_ray.core.atomic import _exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -341,7 +372,7 @@ def test_replace_dir_swaps_atomically_on_linux(tmp_path):
 # ---- 5. a damaged artifact ----------------------------------------------------------------------
 def test_flipped_byte_in_a_vector_is_named_with_the_stage_to_rerun(stand_in, capsys):
     pipeline, _, config_path = stand_in()
-    vector = pipeline.vector_path("letters")
+    vector = pipeline.layout.vector("letters")
     data = bytearray(vector.read_bytes())
     data[len(data) // 2] ^= 0xFF
     vector.write_bytes(bytes(data))
@@ -355,7 +386,7 @@ def test_flipped_byte_in_a_vector_is_named_with_the_stage_to_rerun(stand_in, cap
 
 def test_truncated_merged_model_is_named_with_the_stage_to_rerun(stand_in, capsys):
     pipeline, _, config_path = stand_in()
-    pipeline.stage_merge(weights={"numbers": 0.2, "letters": 0.3, "code": 0.5})
+    pipeline.run_command("merge", weights={"numbers": 0.2, "letters": 0.3, "code": 0.5})
     merged = pipeline.run_dir / "merged" / "model.safetensors"
     merged.write_bytes(merged.read_bytes()[: merged.stat().st_size // 2])
     code = main(["report", str(config_path)])
@@ -365,11 +396,11 @@ def test_truncated_merged_model_is_named_with_the_stage_to_rerun(stand_in, capsy
 
 
 def test_truncated_vector_outside_the_manifest_is_named_by_safetensors(stand_in):
-    from dem_ray.merge import LazyTensors
-    from dem_ray.vectors import VectorError
+    from dem_ray.core.merge import LazyTensors
+    from dem_ray.core.vectors import VectorError
 
     pipeline, _, _ = stand_in()
-    vector = pipeline.vector_path("code")
+    vector = pipeline.layout.vector("code")
     vector.write_bytes(vector.read_bytes()[:100])
     with pytest.raises(VectorError, match=str(vector)):
         LazyTensors(vector)
@@ -380,7 +411,7 @@ def test_train_state_round_trips_through_safetensors_and_json(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dem_ray.finetune import TRAIN_STATE, _load_state, _save_state
+    from dem_ray.ray.finetune import TRAIN_STATE, _load_state, _save_state
 
     config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)  # fmt: skip

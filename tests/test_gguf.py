@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dem_ray import models
 from dem_ray.config import BaseModelSpec, parse_config
-from dem_ray.models import ModelError, base_kind, gguf_to_hf_dir
+from dem_ray.models import base as models
+from dem_ray.models.base import ModelError, base_kind, gguf_to_hf_dir
+from dem_ray.models.tiny import make_tiny_gguf, synthetic_corpus, write_llama_gguf
 from dem_ray.pipeline import Pipeline
-from dem_ray.tiny import make_tiny_gguf, synthetic_corpus, write_llama_gguf
 
 SAMPLES = [
     "total = x + 3\nvalue = count + 7",
@@ -181,7 +181,7 @@ def test_declared_kinds_are_taken_as_said(tmp_path, tiny_gguf) -> None:
     assert base_kind(BaseModelSpec(str(no_suffix), "gguf")) == "gguf"
     assert base_kind(BaseModelSpec(str(tiny_gguf[1]), "dir")) == "dir"
     assert base_kind(BaseModelSpec("./looks/like/a/path", "hub")) == "hub"
-    assert base_kind(BaseModelSpec("package://dem_ray/tiny.py", "gguf")) == "gguf"
+    assert base_kind(BaseModelSpec("package://dem_ray/models/tiny.py", "gguf")) == "gguf"
 
 
 def test_plain_strings_keep_their_old_meaning(tmp_path, tiny_gguf) -> None:
@@ -207,8 +207,8 @@ def test_declared_path_that_is_missing(tmp_path, tiny_gguf, kind, what) -> None:
 
 def prepare(raw: dict, force: bool = False) -> Pipeline:
     pipeline = Pipeline(parse_config(raw, source="test.yaml"))
-    pipeline.preflight()
-    pipeline.stage_prepare(force=force)
+    pipeline.open()
+    pipeline.run_command("prepare", force=force)
     return pipeline
 
 
@@ -225,22 +225,22 @@ def test_prepare_converts_once_into_the_run_dir(
     raw = make_config(tmp_path / "run", tiny_gguf[1], tiny_data, base_model=base_model)
     first = prepare(raw)
     base = tmp_path / "run" / "base"
-    assert first.base_dir == base.resolve()
+    assert first.ctx.base_dir == base.resolve()
     assert first.ran == ["base", *(f"data/{n}" for n in first.names)]
     for name, tensor in tensors_of(tiny_gguf[1]).items():
         torch.testing.assert_close(tensors_of(base)[name], tensor, rtol=0, atol=1e-6)
-    assert load_file(first.shard_path("code", "train"))["input_ids"].numel() > 0
+    assert load_file(first.layout.shard("code", "train"))["input_ids"].numel() > 0
 
     no_conversion(monkeypatch)
     again = prepare(raw)
     assert again.ran == [] and "base" in again.skipped
     forced = prepare(raw, force=True)  # reruns the stage; the marker still spares a conversion
     assert "base" in forced.ran
-    assert forced.base_dir == base.resolve()
+    assert forced.ctx.base_dir == base.resolve()
 
 
 def test_preflight_refuses_a_missing_declared_gguf(tmp_path, tiny_gguf, tiny_data, make_config):
     missing = tmp_path / "nowhere.q4"
     raw = make_config(tmp_path / "run", tiny_gguf[1], tiny_data, base_model={"gguf": str(missing)})
     with pytest.raises(ModelError, match=re.escape(f"base_model.gguf '{missing}': no such file")):
-        Pipeline(parse_config(raw, source="test.yaml")).preflight()
+        Pipeline(parse_config(raw, source="test.yaml")).open()

@@ -123,7 +123,7 @@ def test_job_runs_the_pipeline(ray_head, tiny_base, tiny_data, make_config, tmp_
         "[finetune numbers] step 4/4",
         "search: trial 3/3 objective",
         "search done: best objective",
-        "best weights:",
+        "merged weights:",
     ):
         assert line in logs, f"{line!r} missing from the job log:\n{logs[-3000:]}"
     for path in (

@@ -1,4 +1,4 @@
-"""Tests for dem_ray.manifest: a stage is done only with the same inputs and intact outputs."""
+"""Tests for dem_ray.run.manifest: a stage is done only with the same inputs and intact outputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dem_ray.manifest import Manifest, files_under, hash_json, sha256_file, write_text_atomic
+from dem_ray.run.manifest import Manifest, files_under, hash_json, sha256_file, write_text_atomic
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_outputs_hash(run: Path) -> None:
 def test_manifest_file_is_valid_json(run: Path) -> None:
     record(run)
     data = json.loads((run / "manifest.json").read_text())
-    assert data["version"] == 1
+    assert data["version"] == 2
     assert set(data["stages"]) == {"vectors"}
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
 

@@ -1,4 +1,4 @@
-"""Tests for dem_ray.perplexity: the NLL of known tokens under a known model, and objectives."""
+"""Tests for dem_ray.core.perplexity: the NLL of known tokens under a known model, and objectives."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dem_ray.perplexity import objective, perplexity, token_nll
-from dem_ray.tiny import make_tiny_model, synthetic_corpus
+from dem_ray.core.perplexity import objective, perplexity, token_nll
+from dem_ray.models.tiny import make_tiny_model, synthetic_corpus
 
 SEQ_LEN = 9
 ROWS = 5

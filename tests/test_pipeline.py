@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dem_ray.config import parse_config
-from dem_ray.perplexity import objective, perplexity, token_nll
+from dem_ray.core.perplexity import objective, perplexity, token_nll
 from dem_ray.pipeline import Pipeline
 
 ALL_STAGES = [
@@ -23,9 +23,9 @@ ALL_STAGES = [
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, tiny_base, tiny_data, make_config, tmp_path_factory):
+def finished(ray_session, pretrained_base, tiny_data, make_config, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    raw = make_config(run_dir / "run", tiny_base, tiny_data)
+    raw = make_config(run_dir / "run", pretrained_base, tiny_data)
     config_path = run_dir / "config.yaml"
     config_path.write_text(json.dumps(raw))  # JSON is YAML
     pipeline = Pipeline(parse_config(raw, source=str(config_path)))
@@ -39,13 +39,13 @@ def test_every_stage_ran_once(finished):
     assert pipeline.skipped == []
 
 
-def test_finetunes_are_hf_dirs_that_moved(finished, tiny_base):
+def test_finetunes_are_hf_dirs_that_moved(finished, pretrained_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pipeline, _, _ = finished
-    base = load_file(tiny_base / "model.safetensors")
+    base = load_file(pretrained_base / "model.safetensors")
     for name in pipeline.names:
-        path = pipeline.finetune_dir(name)
+        path = pipeline.layout.finetune(name)
         AutoModelForCausalLM.from_pretrained(path)
         AutoTokenizer.from_pretrained(path)
         tuned = load_file(path / "model.safetensors")
@@ -57,12 +57,12 @@ def test_finetunes_are_hf_dirs_that_moved(finished, tiny_base):
         assert cost["device_seconds"] > 0 and cost["wall_seconds"] > 0
 
 
-def test_vectors_are_differences(finished, tiny_base):
+def test_vectors_are_differences(finished, pretrained_base):
     pipeline, _, _ = finished
-    base = load_file(tiny_base / "model.safetensors")
+    base = load_file(pretrained_base / "model.safetensors")
     for name in pipeline.names:
-        tuned = load_file(pipeline.finetune_dir(name) / "model.safetensors")
-        vector = load_file(pipeline.vector_path(name))
+        tuned = load_file(pipeline.layout.finetune(name) / "model.safetensors")
+        vector = load_file(pipeline.layout.vector(name))
         assert vector.keys() == base.keys()
         for key in base:
             assert torch.equal(vector[key], tuned[key] - base[key]), key
@@ -84,14 +84,14 @@ def test_trials_file(finished):
     assert best["objective"]["value"] == min(t["objective"] for t in trials)
 
 
-def test_merged_model_is_base_plus_weighted_vectors(finished, tiny_base):
+def test_merged_model_is_base_plus_weighted_vectors(finished, pretrained_base):
     from transformers import AutoModelForCausalLM
 
     pipeline, _, _ = finished
     weights = pipeline.report()["best_weights"]
-    base = load_file(tiny_base / "model.safetensors")
+    base = load_file(pretrained_base / "model.safetensors")
     merged = load_file(pipeline.run_dir / "merged" / "model.safetensors")
-    vectors = {n: load_file(pipeline.vector_path(n)) for n in pipeline.names}
+    vectors = {n: load_file(pipeline.layout.vector(n)) for n in pipeline.names}
     for key in base:
         expected = base[key].double() + sum(weights[n] * vectors[n][key].double() for n in vectors)
         torch.testing.assert_close(merged[key].double(), expected, rtol=0, atol=1e-6)
@@ -110,13 +110,13 @@ def test_report_matches_a_recomputation(finished):
     expected_models = {"base", "dem", *(f"finetuned/{n}" for n in pipeline.names)}
     assert set(report["ppl"]) == expected_models
     limit = raw["evaluator"]["max_validation_sequences"]
-    models = {"dem": pipeline.run_dir / "merged", "base": pipeline.base_dir}
-    models |= {f"finetuned/{n}": pipeline.finetune_dir(n) for n in pipeline.names}
+    models = {"dem": pipeline.run_dir / "merged", "base": pipeline.ctx.base_dir}
+    models |= {f"finetuned/{n}": pipeline.layout.finetune(n) for n in pipeline.names}
     for label, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         nll = {}
         for name in pipeline.names:
-            rows = load_file(pipeline.shard_path(name, "validation"))["input_ids"][:limit]
+            rows = load_file(pipeline.layout.shard(name, "validation"))["input_ids"][:limit]
             nll[name] = token_nll(model, rows, batch_size=5)
             assert report["ppl"][label][name] == pytest.approx(perplexity(*nll[name]), rel=1e-4)
         assert report["objectives"][label] == pytest.approx(objective(nll), rel=1e-5)
@@ -129,9 +129,20 @@ def test_report_matches_a_recomputation(finished):
     assert (pipeline.run_dir / "report" / "search.png").stat().st_size > 1000
 
 
-def test_dem_search_beats_the_base(finished):
-    report = finished[0].report()
-    assert report["objectives"]["dem"] < report["objectives"]["base"]
+def test_the_composite_beats_the_base_every_specialist_and_the_uniform_composite(finished):
+    """On a pretrained base (not a random one) the searched composite is the best model on
+    the objective: better than the base, than each specialist and than equal weights."""
+    import ray
+
+    pipeline, _, _ = finished
+    report = pipeline.report()
+    dem = report["objectives"]["dem"]
+    assert dem < report["objectives"]["base"]
+    for name in pipeline.names:
+        assert dem < report["objectives"][f"finetuned/{name}"], name
+    actor = pipeline.evaluators()[0]
+    uniform = ray.get(actor.evaluate.remote([1 / len(pipeline.names)] * len(pipeline.names)))
+    assert dem < objective({n: tuple(v) for n, v in uniform["nll"].items()})
 
 
 def test_second_run_skips_everything_and_cli_prints_summary(finished):
@@ -151,7 +162,7 @@ def test_changing_one_dataset_reruns_only_what_depends_on_it(
 ):
     import shutil
 
-    from dem_ray.tiny import synthetic_corpus, write_jsonl
+    from dem_ray.models.tiny import synthetic_corpus, write_jsonl
 
     data = {n: tmp_path / p.name for n, p in tiny_data.items()}
     for name, path in tiny_data.items():
@@ -168,15 +179,17 @@ def test_changing_one_dataset_reruns_only_what_depends_on_it(
 
 
 def test_grid_search_visits_every_grid_point(finished, make_config, tiny_base, tiny_data):
-    from dem_ray.search import run_search
-    from dem_ray.spaces import load_space
+    from dem_ray.core.spaces import load_space
+    from dem_ray.ray.search import run_search
 
     pipeline, raw, _ = finished
     cfg = parse_config(make_config(pipeline.run_dir, tiny_base, tiny_data,
                                    search={"algorithm": "grid", "grid_step": 0.5}))  # fmt: skip
     space = load_space("simplex", pipeline.names)
     out = pipeline.run_dir / "grid-test"
-    trials = run_search(cfg.search, space, pipeline.pool(), out, pipeline.run_dir / "ray_tune")
+    trials = run_search(
+        cfg.search, space, pipeline.evaluators(), out, pipeline.run_dir / "ray_tune"
+    )
     seen = sorted(tuple(t["weights"][n] for n in pipeline.names) for t in trials)
     assert seen == sorted(tuple(p[n] for n in pipeline.names) for p in space.grid(0.5))
     assert len(seen) == 6
@@ -189,8 +202,8 @@ def test_grid_search_visits_every_grid_point(finished, make_config, tiny_base, t
 def test_other_samplers_run_and_stay_on_the_simplex(
     finished, make_config, tiny_base, tiny_data, algorithm
 ):
-    from dem_ray.search import run_search
-    from dem_ray.spaces import load_space
+    from dem_ray.core.spaces import load_space
+    from dem_ray.ray.search import run_search
 
     pipeline, _, _ = finished
     raw = make_config(pipeline.run_dir, tiny_base, tiny_data,
@@ -198,7 +211,9 @@ def test_other_samplers_run_and_stay_on_the_simplex(
     cfg = parse_config(raw)
     space = load_space("simplex", pipeline.names)
     out = pipeline.run_dir / f"{algorithm}-test"
-    trials = run_search(cfg.search, space, pipeline.pool(), out, pipeline.run_dir / "ray_tune")
+    trials = run_search(
+        cfg.search, space, pipeline.evaluators(), out, pipeline.run_dir / "ray_tune"
+    )
     assert len(trials) == 3
     for trial in trials:
         assert sum(trial["weights"].values()) == pytest.approx(1.0, abs=1e-9)
@@ -210,14 +225,14 @@ def test_asha_stops_hopeless_candidates_and_keeps_the_record_consistent(
 ):
     import ray
 
-    from dem_ray.search import best_trial, run_search
-    from dem_ray.spaces import load_space
+    from dem_ray.core.spaces import load_space
+    from dem_ray.ray.search import best_trial, run_search
 
     pipeline, _, _ = finished
     search = {"num_trials": 10, "max_concurrent": 1, "seed": 3, "scheduler": "asha", "slices": 4}
     cfg = parse_config(make_config(pipeline.run_dir, tiny_base, tiny_data, search=search))
     space = load_space("simplex", pipeline.names)
-    pool = pipeline.pool()
+    pool = pipeline.evaluators()
     out = pipeline.run_dir / "asha-test"
     trials = run_search(cfg.search, space, pool, out, pipeline.run_dir / "ray_tune")
 
@@ -245,7 +260,7 @@ def test_asha_stops_hopeless_candidates_and_keeps_the_record_consistent(
 
 
 def test_best_trial_ignores_early_stopped_estimates():
-    from dem_ray.search import best_trial
+    from dem_ray.ray.search import best_trial
 
     trials = [
         {"objective": 1.0, "complete": False, "slices_done": 1},
@@ -260,7 +275,7 @@ def test_best_trial_ignores_early_stopped_estimates():
 def test_adding_a_dataset_fine_tunes_only_it_and_warm_starts_the_search(
     ray_session, tiny_base, tiny_data, make_config, tmp_path
 ):
-    from dem_ray.search import read_trials
+    from dem_ray.ray.search import read_trials
 
     two = {n: tiny_data[n] for n in ("numbers", "letters")}
     search = {"num_trials": 5, "warm_start": 3}
@@ -298,13 +313,88 @@ def test_adding_a_dataset_fine_tunes_only_it_and_warm_starts_the_search(
     assert "## Cost of the last update" in markdown and "fine-tuned only code" in markdown
 
 
+def test_raising_num_trials_runs_only_the_missing_trials(
+    ray_session, tiny_base, tiny_data, make_config, tmp_path
+):
+    import ray
+    from conftest import stand_in_run
+
+    from dem_ray.ray.search import read_trials
+
+    raw = make_config(tmp_path / "run", tiny_base, tiny_data, search={"num_trials": 16})
+    first = stand_in_run(raw, tmp_path / "config.yaml")
+    first.run_command("search")
+    first.close()
+    kept = read_trials(first.layout.trials)
+    assert len(kept) == 16
+
+    def run_search(**search):
+        pipeline = Pipeline(parse_config(make_config(tmp_path / "run", tiny_base, tiny_data,
+                                                     search=search)))  # fmt: skip
+        pipeline.open()
+        try:
+            pipeline.run_command("search")
+            actors = pipeline.ctx.pool.actors
+            calls = ray.get(actors[0].info.remote())["calls"] if actors else 0
+        finally:
+            pipeline.close()
+        return pipeline, calls
+
+    more, calls = run_search(num_trials=24)
+    assert more.ran == ["search"] and calls == 8
+    trials = read_trials(more.layout.trials)
+    assert trials[:16] == kept and len(trials) == 24
+    candidates = {tuple(round(t["weights"][n], 12) for n in more.names) for t in trials}
+    assert len(candidates) == 24  # no candidate evaluated twice
+    assert more.manifest.entry("search")["num_trials"] == 24
+
+    grid, _ = run_search(num_trials=24, compare_grid=True)
+    assert grid.ran == ["search_grid"] and grid.skipped[-1] == "search"
+    assert read_trials(grid.layout.trials) == trials
+
+    fewer, calls = run_search(num_trials=8)
+    assert fewer.ran == [] and calls == 0  # more than asked for is enough
+
+
+def test_a_second_writer_is_refused(tiny_base, tiny_data, make_config, tmp_path, capsys):
+    import textwrap
+
+    from dem_ray.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(make_config(tmp_path / "run", tiny_base, tiny_data)))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from dem_ray.config import load_config
+            from dem_ray.pipeline import Pipeline
+            pipeline = Pipeline(load_config({str(config)!r}))
+            pipeline.open("search")
+            print("open", flush=True)
+            sys.stdin.read()
+            pipeline.close()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        code = main(["search", str(config)])
+        err = capsys.readouterr().err
+        assert code == 1
+        assert f"is in use by pid {holder.pid} on host" in err and "(dem-ray search)" in err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0
+
+
 def test_released_pool_gives_its_cpus_back_before_returning(finished):
     import ray
 
     pipeline, _, _ = finished
-    pipeline.release_pool()
+    pipeline.ctx.pool.release()
     free = ray.available_resources().get("CPU", 0.0)
-    pipeline.pool()
+    pipeline.evaluators()
     assert ray.available_resources().get("CPU", 0.0) == pytest.approx(free - 0.5)
-    pipeline.release_pool()  # the baseline counts free CPUs right after this to launch trainers
+    pipeline.ctx.pool.release()  # the baseline counts free CPUs right after this to launch trainers
     assert ray.available_resources().get("CPU", 0.0) == pytest.approx(free)

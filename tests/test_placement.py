@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dem_ray.config import ConfigError, load_config
-from dem_ray.placement import GIB, actor_options, scaling_config, trainers_that_fit
+from dem_ray.ray.placement import GIB, actor_options, scaling_config, trainers_that_fit
 
 
 def config_with(tmp_path: Path, **sections) -> Path:
@@ -141,13 +141,12 @@ def test_bad_placement_keys(tmp_path: Path, sections, fragment) -> None:
 
 def test_placement_does_not_change_the_finetune_inputs(tmp_path: Path) -> None:
     """Moving a fine-tune to other nodes gives the same model, so it must not re-run."""
-    from dem_ray.config import parse_config
-    from dem_ray.pipeline import Pipeline
+    from dem_ray.config import parse_config, result_settings
 
     base = {"run_dir": str(tmp_path / "r"), "base_model": "m", "datasets": {"a": "a", "b": "b"}}
     placed = {
         **base,
         "finetune": {"memory_gb": 8, "resources": {"x": 1}, "gpus_per_worker": 1},
     }
-    plain = Pipeline(parse_config(base))._finetune_hparams()
-    assert Pipeline(parse_config(placed))._finetune_hparams() == plain
+    plain = result_settings(parse_config(base).finetune)
+    assert result_settings(parse_config(placed).finetune) == plain

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dem_ray.safetensors_stream import SafetensorsFormatError, TensorReader, TensorWriter
+from dem_ray.core.safetensors_io import SafetensorsFormatError, TensorReader, TensorWriter
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32, torch.uint8]
 

@@ -1,4 +1,4 @@
-"""Tests for dem_ray.spaces: the shipped spaces, the simplex parameterisation, grids, errors."""
+"""Tests for dem_ray.core.spaces: the shipped spaces, the simplex parameterisation, grids, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dem_ray.spaces import SPACES_DIR, Space, SpaceError, load_space, parse_space
+from dem_ray.core.spaces import SPACES_DIR, Space, SpaceError, load_space, parse_space
 
 NAMES = ["code", "prose", "math"]
 

@@ -1,4 +1,4 @@
-"""Tests for dem_ray.vectors and dem_ray.merge: the core arithmetic, checked exactly.
+"""Tests for dem_ray.core.vectors and dem_ray.core.merge: the core arithmetic, checked exactly.
 
 v_i = theta_i - theta_0, and every merged model must equal theta_0 + sum_i w_i v_i for
 every parameter (tied embeddings included), whether merged in place or written to disk.
@@ -15,10 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import dem_ray.vectors as vectors_mod
-from dem_ray.merge import LazyTensors, MergeError, ResidentMerge, merge_to_dir, unique_parameters
-from dem_ray.tiny import make_tiny_model, synthetic_corpus
-from dem_ray.vectors import (
+from dem_ray.core.merge import (
+    LazyTensors,
+    MergeError,
+    ResidentMerge,
+    merge_to_dir,
+    unique_parameters,
+)
+from dem_ray.core.vectors import (
     VectorError,
     check_compatible,
     compute_vector,
@@ -26,6 +30,7 @@ from dem_ray.vectors import (
     save_tensors,
     tensor_index,
 )
+from dem_ray.models.tiny import make_tiny_model, synthetic_corpus
 
 VARIANTS = {
     "llama_tied": ("llama", True),
@@ -251,11 +256,13 @@ def test_save_tensors_failure_leaves_old_file(tmp_path: Path, monkeypatch) -> No
     save_tensors({"t": torch.ones(3)}, path)
     old = path.read_bytes()
 
-    def boom(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
+    from dem_ray.core.safetensors_io import TensorWriter
+
+    def boom(self, name, tensor):
+        self._fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(vectors_mod, "save_file", boom)
+    monkeypatch.setattr(TensorWriter, "write", boom)
     with pytest.raises(OSError, match="disk full"):
         save_tensors({"t": torch.zeros(3)}, path)
     assert path.read_bytes() == old
@@ -263,10 +270,12 @@ def test_save_tensors_failure_leaves_old_file(tmp_path: Path, monkeypatch) -> No
 
 
 def test_save_tensors_failure_without_old_file(tmp_path: Path, monkeypatch) -> None:
-    def boom(tensors, filename, metadata=None):
+    from dem_ray.core.safetensors_io import TensorWriter
+
+    def boom(self, name, tensor):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vectors_mod, "save_file", boom)
+    monkeypatch.setattr(TensorWriter, "write", boom)
     with pytest.raises(KeyboardInterrupt):
         save_tensors({"t": torch.zeros(3)}, tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
@@ -549,7 +558,10 @@ def test_merge_to_dir(bases, tmp_path: Path, variant) -> None:
     vectors, paths = saved_vectors(state, tmp_path, 3, seed=16)
     weights = [0.25, 0.5, -0.125]
     out = tmp_path / "merged" / "model"
-    merge_to_dir(base, paths, weights, out, tokenizer_src=base, metadata={"trial": 7})
+    from dem_ray.models.base import TOKENIZER_FILES
+
+    side = [base / name for name in TOKENIZER_FILES]
+    merge_to_dir(base, paths, weights, out, side_files=side, metadata={"trial": 7})
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "dem_ray_merge.json"} <= names
     assert "tokenizer_config.json" in names

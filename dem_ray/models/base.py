@@ -7,21 +7,18 @@ a GGUF file is dequantized once into `<run_dir>/base/`.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dem_ray.config import BaseModelSpec
-from dem_ray.manifest import sha256_file
+from dem_ray.core.atomic import atomic_dir
+from dem_ray.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -207,63 +204,10 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 
 def save_model_dir(model, out_dir: Path, tokenizer_src: Path | None = None) -> None:
     """save_pretrained into a temp dir next to `out_dir`, then swap it in."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer_src is not None:
             copy_tokenizer(tokenizer_src, tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished directory in under its final name; the old one goes only after.
-
-    On Linux the swap is one atomic `renameat2(RENAME_EXCHANGE)`; elsewhere it is two
-    renames, and a kill between them leaves the old version at `.NAME.old`, which
-    `recover_dir` puts back.
-    """
-    final, tmp = Path(final), Path(tmp)
-    recover_dir(final)
-    if final.exists() and _exchange(tmp, final):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous version
-        return
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(final: Path) -> None:
-    """Put back the previous version of `final` if a kill left it only at `.NAME.old`."""
-    final = Path(final)
-    old = final.with_name(f".{final.name}.old")
-    if not final.exists() and old.is_dir():
-        log.warning("%s: restoring the previous version from %s (a write was cut off)", final, old)
-        os.replace(old, final)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
 
 
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:
@@ -284,16 +228,10 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:
         return
     log.info("converting %s to a Hugging Face directory at %s (once)", gguf_path, out_dir)
     model, tokenizer = _load_gguf(gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / GGUF_MARKER).write_text(json.dumps(source))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _gguf_source(gguf_path: Path) -> dict:

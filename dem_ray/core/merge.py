@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from dem_ray.vectors import DTYPES, VectorError, save_tensors, tensor_index
+from dem_ray.core.atomic import atomic_dir
+from dem_ray.core.vectors import DTYPES, VectorError, save_tensors, tensor_index
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,14 @@ def merge_to_dir(
     vector_paths: Sequence[Path],
     weights: Sequence[float],
     out_dir: Path,
-    tokenizer_src: Path | None = None,
+    side_files: Sequence[Path] = (),
     metadata: dict | None = None,
 ) -> None:
-    """Stream the composite tensor by tensor into an HF model directory (atomic swap)."""
-    from dem_ray.models import copy_tokenizer, replace_dir
+    """Stream the composite tensor by tensor into an HF model directory (atomic swap).
 
+    `side_files`: copied beside the weights (the tokenizer's files, so the directory
+    stands alone).
+    """
     if len(weights) != len(vector_paths):
         raise MergeError(f"{len(weights)} weights given for {len(vector_paths)} vectors")
     for w in weights:
@@ -209,20 +211,11 @@ def merge_to_dir(
                     )
                 stacked.append(tensor)
             out[name] = merge_tensor(base, torch.stack(stacked), w)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_tensors(out, tmp / "model.safetensors", {"format": "pt", **(metadata or {})})
-        for name in MODEL_SIDE_FILES:
-            if (Path(base_dir) / name).exists():
-                shutil.copy2(Path(base_dir) / name, tmp / name)
-        if tokenizer_src is not None:
-            copy_tokenizer(Path(tokenizer_src), tmp)
+        for path in [*(Path(base_dir) / n for n in MODEL_SIDE_FILES), *side_files]:
+            if path.exists():
+                shutil.copy2(path, tmp / path.name)
         (tmp / "dem_ray_merge.json").write_text(
             json.dumps({"weights": [float(x) for x in weights], **(metadata or {})}, indent=2)
         )
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

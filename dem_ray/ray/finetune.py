@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -22,9 +22,11 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from dem_ray.config import FinetuneConfig
-from dem_ray.models import copy_tokenizer, replace_dir
-from dem_ray.placement import scaling_config, trainers_that_fit
-from dem_ray.storage import RunPath, fetch
+from dem_ray.core.atomic import atomic_dir
+from dem_ray.models.base import copy_tokenizer
+from dem_ray.ray.placement import scaling_config, trainers_that_fit
+from dem_ray.run.stopping import start_threads, wait_threads
+from dem_ray.run.storage import RunPath, fetch
 
 log = logging.getLogger(__name__)
 
@@ -69,34 +71,10 @@ def rows_before(probs: torch.Tensor, batch_size: int, seed: int, rank: int, step
     return counts
 
 
-FAULT_ENV = "DEM_RAY_FAULT_AT_STEP"
-FAULT_DELAY_S = 6.0
-
-
-def fault_for(job_name: str, storage_dir: Path) -> dict | None:
-    """Testing hook: `DEM_RAY_FAULT_AT_STEP=STEP[:JOB]` kills the rank-0 worker of JOB
-    (of every job without `:JOB`) right after step STEP, once: a marker file in the
-    storage directory stops it from firing again after Ray Train restarts the worker.
-    Read in the driver, because workers need not inherit the driver's environment."""
-    value = os.environ.get(FAULT_ENV)
-    if not value:
-        return None
-    step, _, only = value.partition(":")
-    if only and only != job_name:
-        return None
-    marker = Path(storage_dir) / f".fault-{job_name.replace(' ', '_')}"
-    return {"step": int(step), "marker": str(marker)}
-
-
-def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
-    if fault is None or rank != 0 or step != fault["step"] or Path(fault["marker"]).exists():
-        return
-    Path(fault["marker"]).write_text(f"killed after step {step}\n")
-    # The controller collects reported checkpoints when it polls the workers (every few
-    # seconds); a real step takes longer than that, so wait as one would before dying.
-    time.sleep(FAULT_DELAY_S)
-    print(f"{FAULT_ENV}: worker exits abruptly after step {step}", file=sys.stderr, flush=True)
-    os._exit(1)
+# A seam for tests and tools: when set (in the driver, before the fine-tunes launch), every
+# worker calls it as `AFTER_STEP(job_name, step, rank)` after each optimizer step. It travels
+# to the workers with the job's config (cloudpickle); None in normal runs.
+AFTER_STEP: Callable[[str, int, int], None] | None = None
 
 
 def _save_state(model, optimizer, scheduler, step: int, device_seconds: float, out: Path) -> None:
@@ -184,7 +162,9 @@ def train_loop(config: dict) -> None:
         if checkpoint is not None:
             source = stack.enter_context(checkpoint.as_directory())
             state = _load_state(Path(source))
-        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, use_safetensors=True, trust_remote_code=config.get("trust_remote_code", False)
+        )
         model.train()
         model = rt.prepare_model(model)
         optimizer = torch.optim.AdamW(
@@ -200,6 +180,7 @@ def train_loop(config: dict) -> None:
             start_step, earlier_seconds = state["step"], state["device_seconds"]
             print(f"{tag} resuming from the checkpoint of step {start_step}", file=sys.stderr)
     device = next(model.parameters()).device
+    gpus = hp.gpus_per_worker
     rows_seen = rows_before(probs, hp.batch_size, hp.seed, rank, start_step)
     tokens_per_step = hp.batch_size * hp.seq_len * world
     interval_start, loss_value = time.perf_counter(), float("nan")
@@ -227,12 +208,13 @@ def train_loop(config: dict) -> None:
             )
             interval_start = time.perf_counter()
         if step % hp.checkpoint_every == 0 and step < max_steps:
-            spent = _sum_over_workers(_device_seconds(device, wall0, cpu0), world, device)
+            spent = _sum_over_workers(_device_seconds(device, wall0, cpu0, gpus), world, device)
             _report(model, rank, {"step": step}, lambda out, s=step, t=spent: _save_state(
                 _unwrap(model), optimizer, scheduler, s, earlier_seconds + t, out))  # fmt: skip
-        _maybe_fault(config.get("fault"), step, rank)
+        if config.get("after_step") is not None:
+            config["after_step"](config["name"], step, rank)
     device_seconds = earlier_seconds + _sum_over_workers(
-        _device_seconds(device, wall0, cpu0), world, device
+        _device_seconds(device, wall0, cpu0, gpus), world, device
     )
     tokens_by_dataset = {
         n: int(_sum_over_workers(float(rows_seen[i]), world, device)) * hp.seq_len
@@ -261,10 +243,11 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def _device_seconds(device: torch.device, wall0: float, cpu0: float) -> float:
+def _device_seconds(device: torch.device, wall0: float, cpu0: float, gpus: float) -> float:
+    """This worker's GPU-seconds (wall x the GPUs it holds) or CPU core-seconds."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return time.perf_counter() - wall0
+        return (time.perf_counter() - wall0) * gpus
     return time.process_time() - cpu0
 
 
@@ -276,6 +259,20 @@ def _report(model, rank: int, metrics: dict, save) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save(Path(tmp))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def loop_config(job: FinetuneJob, hp: FinetuneConfig, trust_remote_code: bool) -> dict:
+    """What each worker of `job` receives: plain data, plus the optional step hook."""
+    return {
+        "name": job.name,
+        "base_dir": job.base_dir,
+        "train_shards": job.train_shards,
+        "mixture": job.mixture,
+        "max_steps": job.max_steps,
+        "finetune": hp.model_dump(),
+        "trust_remote_code": trust_remote_code,
+        "after_step": AFTER_STEP,
+    }
 
 
 def concurrency_that_fits(hp: FinetuneConfig) -> int:
@@ -303,6 +300,8 @@ def run_finetunes(
     hp: FinetuneConfig,
     storage_dir: Path,
     ray_storage: tuple[str, object] | None = None,
+    trust_remote_code: bool = False,
+    on_done: Callable[[str, dict], None] | None = None,
 ) -> tuple[dict[str, dict], dict[str, BaseException]]:
     """Fit every job concurrently; copy each result to its out_dir.
 
@@ -310,6 +309,8 @@ def run_finetunes(
     `storage_path` and `storage_filesystem`, for a URI run directory) when given.
     Returns the measured metrics of the fine-tunes that finished and the errors of
     those that did not, so the finished ones are recorded even when one fails.
+    `on_done(name, metrics)` runs in the caller's thread as each one finishes, so a run
+    stopped while others still train keeps (records) the finished ones.
     """
     storage_path, storage_fs = ray_storage or (str(storage_dir), None)
     results: dict[str, dict] = {}
@@ -320,15 +321,7 @@ def run_finetunes(
         try:
             trainer = TorchTrainer(
                 train_loop,
-                train_loop_config={
-                    "name": job.name,
-                    "base_dir": job.base_dir,
-                    "train_shards": job.train_shards,
-                    "mixture": job.mixture,
-                    "max_steps": job.max_steps,
-                    "finetune": asdict(hp),
-                    "fault": fault_for(job.name, storage_dir),
-                },
+                train_loop_config=loop_config(job, hp, trust_remote_code),
                 scaling_config=scaling_config(hp),
                 run_config=RunConfig(
                     name=f"finetune-{job.name}-{time.time_ns()}",
@@ -344,13 +337,10 @@ def run_finetunes(
             if result.checkpoint is None:
                 raise RuntimeError(f"fine-tune '{job.name}' reported no checkpoint")
             out = Path(job.out_dir)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-            shutil.rmtree(tmp)
-            with result.checkpoint.as_directory() as ckpt:
+            with atomic_dir(out) as tmp, result.checkpoint.as_directory() as ckpt:
                 # The model only: optimizer state is for resuming, not for the vectors.
-                shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE))
-            replace_dir(tmp, out)
+                shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE),
+                                dirs_exist_ok=True)  # fmt: skip
             with contextlib.suppress(OSError):  # the run's checkpoints: no longer needed
                 result.filesystem.delete_dir(result.path)
             metrics = dict(result.metrics)
@@ -379,11 +369,13 @@ def run_finetunes(
         with slots:
             fit(job, start)
 
-    threads = [
-        threading.Thread(target=fit_in_slot, args=(job,), name=f"fit-{job.name}") for job in jobs
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    # Daemon threads, waited for in a way a signal interrupts: a stopped run is not kept
+    # alive by a fit() still blocked in Ray, and each result is handed over as it lands.
+    threads = start_threads((fit_in_slot, (job,), job.name) for job in jobs)
+
+    def done(thread) -> None:
+        if on_done is not None and thread.name in results:
+            on_done(thread.name, results[thread.name])
+
+    wait_threads(threads, on_done=done)
     return results, errors

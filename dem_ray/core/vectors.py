@@ -8,16 +8,13 @@ size or the number of datasets. Pure torch: nothing here knows about Ray.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from dem_ray.safetensors_stream import SafetensorsFormatError, TensorReader, TensorWriter
+from dem_ray.core.safetensors_io import SafetensorsFormatError, TensorReader, TensorWriter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,19 +120,12 @@ def compute_vector(
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
-    """save_file to a temp name in the same directory, then rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())  # on disk before it takes the final name
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A safetensors file that appears whole or not at all (see TensorWriter)."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    with TensorWriter(Path(path), specs, meta) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

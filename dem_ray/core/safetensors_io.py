@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from dem_ray.core.atomic import atomic_file
 
 CODES = {
     "F64": torch.float64,
@@ -117,13 +117,11 @@ class TensorWriter:
         raw += b" " * (-len(raw) % 8)
         self._prefix = struct.pack("<Q", len(raw)) + raw
         self._next = 0
+        self._file = atomic_file(self.path, "wb")
         self._fh = None
-        self._tmp: str | None = None
 
     def __enter__(self) -> TensorWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        self._fh = os.fdopen(fd, "wb")
+        self._fh = self._file.__enter__()
         self._fh.write(self._prefix)
         return self
 
@@ -138,20 +136,13 @@ class TensorWriter:
             self._fh.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
         self._next += 1
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None and self._next != len(self._order):
-                missing = self._order[self._next][0]
-                raise ValueError(f"{self.path}: tensor '{missing}' was declared but not written")
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-        finally:
-            if not self._fh.closed:
-                self._fh.close()
-            Path(self._tmp).unlink(missing_ok=True)
+    def __exit__(self, exc_type, exc, tb) -> bool | None:
+        if exc_type is None and self._next != len(self._order):
+            missing = self._order[self._next][0]
+            error = ValueError(f"{self.path}: tensor '{missing}' was declared but not written")
+            self._file.__exit__(ValueError, error, None)
+            raise error
+        return self._file.__exit__(exc_type, exc, tb)
 
 
 def _read_header(fh, path: Path) -> tuple[dict, dict, int]:

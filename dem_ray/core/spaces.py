@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 class SpaceError(ValueError):

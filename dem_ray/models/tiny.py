@@ -79,6 +79,43 @@ def make_tiny_model(
     return out_dir
 
 
+def pretrain_tiny_model(
+    model_dir: Path,
+    texts: Iterable[str],
+    steps: int = 200,
+    seq_len: int = 32,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> Path:
+    """Train a tiny model in place on packed `texts` (CPU, seconds): a base that has
+    learned something, so fine-tunes specialise it the way they would a real base."""
+    from transformers import AutoModelForCausalLM
+
+    from dem_ray.core.atomic import atomic_dir
+    from dem_ray.data.readers import tokenize_and_pack
+    from dem_ray.models.base import copy_tokenizer, load_tokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    rows = tokenize_and_pack(list(texts), tokenizer, seq_len).long()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = rows[torch.randint(rows.shape[0], (batch_size,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with atomic_dir(model_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        copy_tokenizer(model_dir, tmp)
+    return model_dir
+
+
 def synthetic_corpus(style: str, count: int, seed: int = 0) -> list[str]:
     """Small distinct text distributions made from templates (for tests only)."""
     rng = random.Random(f"{style}-{seed}")

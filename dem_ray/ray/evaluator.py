@@ -18,10 +18,10 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from dem_ray.merge import LazyTensors, ResidentMerge
-from dem_ray.models import check_model_dir, load_model
-from dem_ray.perplexity import token_nll
-from dem_ray.storage import RunPath, fetch
+from dem_ray.core.merge import LazyTensors, ResidentMerge
+from dem_ray.core.perplexity import token_nll
+from dem_ray.models.base import check_model_dir, load_model
+from dem_ray.run.storage import RunPath, fetch
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class Evaluator:
             use_cuda = torch.cuda.is_available() and (gpu_ids or not ray.is_initialized())
             device = "cuda" if use_cuda else "cpu"
         self.device = device
-        self.num_gpus = max(len(gpu_ids), 1) if self.device == "cuda" else 0
+        self.num_gpus = _gpus_held() if self.device == "cuda" else 0.0
+        start = self._clock()
         with explain_out_of_memory(self.device, "loading the base and the vectors"):
             self.model = load_model(fetch(base_dir), self.device, trust_remote_code).eval()
             self.merge = ResidentMerge(
@@ -84,6 +85,7 @@ class Evaluator:
         self.batch_size = batch_size
         # Autocast runs the forward in lower precision; the loss is still summed in float64.
         self.autocast = None if autocast == "none" else getattr(torch, autocast)
+        self.load_device_seconds = self._spent(start)  # part of the search's cost
         self.device_seconds = 0.0
         self.tokens = 0
         self.calls = 0
@@ -129,6 +131,7 @@ class Evaluator:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "device_seconds": self.device_seconds,
+            "load_device_seconds": self.load_device_seconds,
             "tokens": self.tokens,
             "calls": self.calls,
             "merges": self.merges,
@@ -154,11 +157,20 @@ class Evaluator:
         return time.perf_counter(), time.process_time()
 
     def _spent(self, start: tuple[float, float]) -> float:
-        """GPU-seconds on a GPU; CPU core-seconds (this process's CPU time) on a CPU."""
+        """GPU-seconds on a GPU (wall x the GPUs held: 0.5 on half a GPU); CPU core-seconds
+        (this process's CPU time) on a CPU."""
         if self.device == "cuda":
             torch.cuda.synchronize()
             return (time.perf_counter() - start[0]) * self.num_gpus
         return time.process_time() - start[1]
+
+
+def _gpus_held() -> float:
+    """The GPUs Ray gave this actor, fractions included; 1 outside Ray."""
+    if not ray.is_initialized():
+        return 1.0
+    held = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    return float(held) or 1.0
 
 
 def _rss_bytes() -> int:

@@ -26,13 +26,14 @@ import re
 import site
 import sys
 import sysconfig
-import tempfile
 import tokenize
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger("dem_ray.corpora")
+from dem_ray.core.atomic import atomic_file
+
+logger = logging.getLogger("dem_ray.data.corpora")
 
 __all__ = ["CORPORA", "CorpusInfo", "CorpusUnavailable", "build", "documents", "split"]
 
@@ -228,19 +229,10 @@ def _check_fraction(validation_fraction: float) -> None:
 
 
 def _write_jsonl_atomic(path: Path, docs: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for doc in docs:
-                f.write(json.dumps({"text": doc}, ensure_ascii=False))
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, encoding="utf-8", newline="\n") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}, ensure_ascii=False))
+            f.write("\n")
 
 
 def _clean(text: str) -> str:

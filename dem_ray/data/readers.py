@@ -55,6 +55,24 @@ def read_documents(path: str | Path, text_field: str, dataset: str) -> list[str]
     return docs
 
 
+def check_readable(path: str | Path, text_field: str, dataset: str) -> None:
+    """The checks worth making before any work without reading the whole file: that it
+    exists and is of a kind dem-ray reads (the content is checked when it is prepared)."""
+    path = Path(path)
+    where = f"dataset '{dataset}': {path}"
+    if not path.exists():
+        raise DataError(f"{where}: file not found")
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix in {".jsonl", ".json", ".parquet", *TEXT_SUFFIXES}:
+        return
+    if suffix in {".pt", ".bin", ".pkl", ".pickle"}:
+        raise DataError(f"{where}: pickle files are refused; give jsonl, json, parquet or text")
+    raise DataError(
+        f"{where}: unknown file type '{path.suffix}'; use .jsonl, .json, .parquet, "
+        f".txt, or a directory saved by datasets.save_to_disk"
+    )
+
+
 def split_documents(
     docs: list[str], validation_fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dem_ray.core.atomic import atomic_file
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "DEM_RAY_CACHE_DIR"
@@ -81,6 +83,7 @@ class RunStorage:
 
     def __init__(self, location: str) -> None:
         self.location = location
+        self.bytes_downloaded = 0
         self.fs = None
         self.root = ""
         if not is_uri(location):
@@ -209,8 +212,6 @@ class RunStorage:
         are gone locally are deleted, so the remote directory is the local one."""
         if not self.remote:
             return
-        from dem_ray.manifest import files_under  # the files a manifest record lists
-
         for path in paths:
             local = {self._rel(p): p for p in files_under(Path(path))}
             if Path(path).is_dir():
@@ -242,18 +243,15 @@ class RunStorage:
             os.utime(path, ns=(mtime, mtime))
 
     def _download(self, rel: str, local: Path, mtime: int | None) -> None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
-        try:
-            with os.fdopen(fd, "wb") as dst, self.fs.open_input_stream(f"{self.root}/{rel}") as src:
-                for block in iter(lambda: src.read(_CHUNK), b""):
-                    dst.write(block)
-            if mtime is not None:
-                os.utime(tmp, ns=(mtime, mtime))
-            os.replace(tmp, local)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with (
+            atomic_file(local, "wb") as dst,
+            self.fs.open_input_stream(f"{self.root}/{rel}") as src,
+        ):
+            for block in iter(lambda: src.read(_CHUNK), b""):
+                dst.write(block)
+                self.bytes_downloaded += len(block)
+        if mtime is not None:
+            os.utime(local, ns=(mtime, mtime))
 
 
 def _mtime_ns(info) -> int | None:
@@ -266,6 +264,15 @@ def _same(local: Path, size: int, mtime: int | None) -> bool:
     except FileNotFoundError:
         return False
     return stat.st_size == size and (mtime is None or stat.st_mtime_ns == mtime)
+
+
+def files_under(path: Path) -> list[Path]:
+    """The files a manifest record lists for an output: itself, or those under it
+    (names starting with '.' are temp files and markers, never outputs)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 _OPENED: dict[str, RunStorage] = {}

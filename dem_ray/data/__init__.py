@@ -1,0 +1,1 @@
+"""Datasets: readers of jsonl/json/parquet/text/saved HF dirs, packing, package corpora."""

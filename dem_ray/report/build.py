@@ -1,0 +1,244 @@
+"""The run report: every model on every validation shard, the searches, and what each
+side cost (DEM against the data-mixing grid when the run has a baseline)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from dem_ray.config import BaselineConfig
+from dem_ray.core import cost as costs
+from dem_ray.core.mixtures import grid_step_for_comparison, mixtures
+from dem_ray.core.perplexity import objective, perplexity
+from dem_ray.core.vectors import tensor_index
+from dem_ray.ray.search import full_objective, read_trials
+
+DEM_STAGES = ("finetune", "vectors", "search", "merge")
+WITHIN = (0.01, 0.001)
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Distinct parameters as stored (tied weights are saved once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(set(tensor_index(model_dir).values())):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118
+                total += math.prod(fh.get_slice(name).get_shape())
+    return total
+
+
+def build_report(ctx, scores: dict[str, dict[str, tuple[float, int]]], cost: dict) -> dict:
+    """`scores`: {model label: {dataset: (nll sum, tokens)}} as measured for this report;
+    `ctx`: the run's `RunContext` (manifest, layout, config)."""
+    manifest, names, cfg = ctx.manifest, ctx.names, ctx.cfg
+    kind = cfg.search.objective
+    best = json.loads(ctx.layout.best.read_text())
+    merged = manifest.entry("merge")["weights"]  # what `dem` is: maybe `merge --weights`
+    merged_weights = {n: merged[n] for n in names}  # in the config's order
+    ppl = {label: {n: perplexity(*nll[n]) for n in names} for label, nll in scores.items()}
+    objectives = {label: objective(nll, kind) for label, nll in scores.items()}
+    params = count_parameters(ctx.base_dir)
+    prices = (cfg.cost.usd_per_gpu_hour, cfg.cost.usd_per_cpu_hour)
+
+    def price(item: dict) -> dict:
+        return costs.priced(item, params, *prices)
+
+    stage_cost: dict[str, dict] = {}
+    for stage in ("finetune", "vectors"):
+        per = {n: price(manifest.entry(f"{stage}/{n}")["cost"]) for n in names}
+        stage_cost[stage] = {**costs.total(per.values(), stage == "finetune"), "per_dataset": per}
+    for stage in ("search", "merge"):
+        stage_cost[stage] = {**price(manifest.entry(stage)["cost"]),
+                             "evaluations": manifest.entry(stage)["cost"].get("evaluations")}  # fmt: skip
+    stage_cost["report"] = price(cost)
+    dem_cost = costs.total(stage_cost[s] for s in DEM_STAGES)
+    report = {
+        "run_dir": ctx.show(ctx.layout.root),
+        "base_model": str(cfg.base_model),
+        "parameters": params,
+        "datasets": names,
+        "best_weights": best["weights"],  # the search's best
+        "dem_weights": merged_weights,  # what the `dem` row scored: merge --weights wins
+        "objective": {
+            "name": kind,
+            "value": objectives["dem"],
+            "search_value": best["objective"]["value"],
+        },
+        "num_trials": best["num_trials"],
+        "algorithm": best["algorithm"],
+        "space": best["space"],
+        "ppl": ppl,
+        "objectives": objectives,
+        "validation_tokens": {n: scores["base"][n][1] for n in names},
+        "cost": {**stage_cost, "dem": dem_cost},
+        "prices": {"usd_per_gpu_hour": prices[0], "usd_per_cpu_hour": prices[1]},
+        "artifacts": {
+            "merged_model": ctx.show(ctx.layout.merged),
+            "trials": ctx.show(ctx.layout.trials),
+            "finetuned": {n: ctx.show(ctx.layout.finetune(n)) for n in names},
+        },
+    }
+    if cfg.baseline is not None:
+        _add_baseline(report, ctx, price)
+    if cfg.search.compare_grid:
+        _add_search_comparison(report, ctx)
+    if best.get("update") and best["update"]["updated"]:
+        _add_update(report, ctx, best["update"])
+    report["summary"] = summary_sentence(report)
+    return report
+
+
+def _add_baseline(report: dict, ctx, price) -> None:
+    from dem_ray.core.mixtures import steps_per_mixture
+
+    cfg, manifest = ctx.cfg, ctx.manifest
+    summary = manifest.entry("baseline")
+    entries = {mid: manifest.entry(f"baseline/{mid}") for mid in summary["mixtures"]}
+    mixtures = []
+    for mid, entry in entries.items():
+        mixtures.append({
+            "id": mid,
+            "weights": entry["weights"],
+            "ppl": entry["ppl"],
+            "objective": summary["objectives"][mid],
+            "cost": price(entry["cost"]),
+        })  # fmt: skip
+    best = next(m for m in mixtures if m["id"] == summary["best"])
+    # Mixtures train concurrently, then are scored one after another.
+    train_wall = max(e["cost"]["train_wall_seconds"] for e in entries.values())
+    eval_wall = sum(e["cost"]["eval_wall_seconds"] for e in entries.values())
+    baseline_cost = costs.total(m["cost"] for m in mixtures)
+    baseline_cost["wall_seconds"] = train_wall + eval_wall
+    report["baseline"] = {
+        "mixtures": mixtures,
+        "best": {
+            "id": best["id"],
+            "weights": best["weights"],
+            "objective": best["objective"],
+            "model": ctx.show(ctx.layout.best_mixture),
+        },  # fmt: skip
+        "steps_per_mixture": steps_per_mixture(cfg.baseline, cfg.finetune, len(ctx.names)),
+    }
+    for m in mixtures:
+        report["ppl"][f"mixture/{m['id']}"] = m["ppl"]
+        report["objectives"][f"mixture/{m['id']}"] = m["objective"]
+    report["ppl"]["baseline/best"] = best["ppl"]
+    report["objectives"]["baseline/best"] = best["objective"]
+    report["cost"]["baseline"] = baseline_cost
+    report["cost"]["reduction"] = costs.reduction(report["cost"]["dem"], baseline_cost)
+
+
+def _add_update(report: dict, ctx, update: dict) -> None:
+    """The cost of the last update (new or changed datasets only) against doing it all again.
+
+    Re-running everything = every fine-tune and vector again plus this search and merge.
+    The data-mixing grid with today's datasets is estimated from the measured cost of a
+    fine-tuning step: its mixtures x steps per mixture x device-seconds per step.
+    """
+    from dem_ray.core.mixtures import steps_per_mixture
+
+    cfg, names, c = ctx.cfg, ctx.names, report["cost"]
+    updated = update["updated"]
+
+    def stages(which: list[str]) -> list[dict]:
+        return [c[s]["per_dataset"][n] for s in ("finetune", "vectors") for n in which]
+
+    tail = [c["search"], c["merge"]]
+    this_update = costs.total([*stages(updated), *tail])
+    everything = costs.total([*stages(names), *tail])
+    per_step = {
+        k: sum(c["finetune"]["per_dataset"][n][k] for n in names)
+        / (cfg.finetune.max_steps * len(names))
+        for k in costs.KEYS
+    }
+    baseline_cfg = cfg.baseline or BaselineConfig(grid_step=grid_step_for_comparison(ctx.cfg))
+    count = len(mixtures(baseline_cfg, names))
+    steps = steps_per_mixture(baseline_cfg, cfg.finetune, len(names))
+    grid = {k: v * count * steps for k, v in per_step.items()}
+    report["update"] = {
+        "updated": updated,
+        "new": update["new"],
+        "reused": [n for n in names if n not in updated],
+        "warm_start_points": update["warm_start_points"],
+        "cost": this_update,
+        "rerun_everything": everything,
+        "baseline_grid_estimate": {**grid, "mixtures": count, "steps_per_mixture": steps},
+        "fraction_of_rerun": _fraction(this_update, everything),
+        "fraction_of_baseline_grid": _fraction(this_update, grid),
+    }
+
+
+def _fraction(part: dict, whole: dict) -> dict:
+    return {k: part[k] / whole[k] if whole[k] else None for k in costs.KEYS}
+
+
+def update_lines(report: dict) -> list[str]:
+    u = report.get("update")
+    if not u:
+        return []
+    g = u["baseline_grid_estimate"]
+    frac = u["fraction_of_rerun"]["device_seconds"]
+    frac_grid = u["fraction_of_baseline_grid"]["device_seconds"]
+    return [
+        f"This update fine-tuned only {', '.join(u['updated'])} (new: {', '.join(u['new']) or 'none'}) "
+        f"and reused the vectors of {', '.join(u['reused']) or 'no dataset'}; the search began by "
+        f"re-scoring {u['warm_start_points']} of the earlier search's best candidates.",
+        f"It cost {u['cost']['device_seconds']:.1f} device-seconds (${u['cost']['usd']:.4f}): "
+        f"{frac:.0%} of re-running every fine-tune, vector, the search and the merge "
+        f"({u['rerun_everything']['device_seconds']:.1f} device-seconds)"
+        + (
+            f", and {frac_grid:.1%} of an estimated data-mixing grid over today's "
+            f"{len(report['datasets'])} datasets ({g['mixtures']} mixtures x "
+            f"{g['steps_per_mixture']} steps, {g['device_seconds']:.1f} device-seconds at the "
+            "fine-tunes' measured cost per step)."
+            if frac_grid is not None
+            else "."
+        ),
+    ]
+
+
+def _add_search_comparison(report: dict, ctx) -> None:
+    search_dir = ctx.layout.search
+    optuna = [full_objective(t) for t in read_trials(search_dir / "trials.jsonl")]
+    grid = [full_objective(t) for t in read_trials(search_dir / "grid_trials.jsonl")]
+    grid_best = min(grid)
+    report["search_comparison"] = {
+        "grid_step": grid_step_for_comparison(ctx.cfg),
+        "grid_evaluations": len(grid),
+        "grid_best": grid_best,
+        "optuna_evaluations": len(optuna),
+        "optuna_stopped_early": sum(not math.isfinite(v) for v in optuna),
+        "optuna_best": min(optuna),
+        "optuna_evaluations_to_reach": {
+            f"{w:.1%}": costs.evaluations_to_reach(optuna, grid_best * (1 + w)) for w in WITHIN
+        },
+        "definition": "evaluations (in completion order, early-stopped trials included) "
+        "until a fully scored objective is <= grid_best x (1 + tolerance); the objective "
+        "is mean log-perplexity",
+    }
+
+
+def summary_sentence(report: dict) -> str:
+    name = report["objective"]["name"]
+    dem = report["objectives"]["dem"]
+    base = report["objectives"]["base"]
+    text = (
+        f"DEM reached {name} log-perplexity {dem:.4f} (perplexity {math.exp(dem):.2f}; "
+        f"base {base:.4f}, perplexity {math.exp(base):.2f})"
+    )
+    if "baseline" in report:
+        c, b = report["cost"], report["baseline"]["best"]
+        share = c["dem"]["device_seconds"] / c["baseline"]["device_seconds"]
+        text += (
+            f" at {share:.0%} of the data-mixing baseline's cost "
+            f"({c['dem']['device_seconds']:.0f} vs {c['baseline']['device_seconds']:.0f} "
+            f"device-seconds, ${c['dem']['usd']:.4f} vs ${c['baseline']['usd']:.4f}); "
+            f"the best of {len(report['baseline']['mixtures'])} mixtures reached "
+            f"{b['objective']:.4f}, so DEM is "
+            f"{'better' if dem < b['objective'] else 'worse'} by "
+            f"{abs(b['objective'] - dem):.4f}"
+        )
+    return text + "."

@@ -1,0 +1,244 @@
+"""The report as Markdown, HTML and plots, from report.json's data alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+from dem_ray.core import cost as costs
+from dem_ray.core.atomic import write_text_atomic
+from dem_ray.ray.search import full_objective, read_trials
+from dem_ray.report.build import DEM_STAGES, update_lines
+
+
+# ---- rendering ---------------------------------------------------------------------------
+def ppl_table(report: dict) -> list[list[str]]:
+    """Rows of model, per-dataset perplexity and objective, as printed and in the reports."""
+    names = report["datasets"]
+    rows = [["model", *names, f"{report['objective']['name']} log-ppl"]]
+    for label, values in report["ppl"].items():
+        rows.append(
+            [label, *(f"{values[n]:.3f}" for n in names), f"{report['objectives'][label]:.4f}"]
+        )
+    return rows
+
+
+def cost_table(report: dict) -> list[list[str]]:
+    rows = [["", "device-seconds", "wall seconds", "tokens trained", "tokens evaluated",
+             "FLOPs", "USD"]]  # fmt: skip
+    labels = [*DEM_STAGES, "dem", "baseline", "report"]
+    for label in labels:
+        c = report["cost"].get(label)
+        if c is None:
+            continue
+        rows.append([
+            {"dem": "DEM total", "baseline": "baseline total"}.get(label, label),
+            f"{c['device_seconds']:.1f}", f"{c['wall_seconds']:.1f}",
+            str(int(c["tokens_trained"])), str(int(c["tokens_evaluated"])),
+            f"{c['flops']:.3e}", f"{c['usd']:.4f}",
+        ])  # fmt: skip
+    red = report["cost"].get("reduction")
+    if red:
+        rows.append(["reduction (1 - DEM/baseline)",
+                     *(f"{red[k]:.1%}" if red[k] is not None else "n/a" for k in costs.KEYS)])  # fmt: skip
+    return rows
+
+
+def comparison_lines(report: dict) -> list[str]:
+    comp = report.get("search_comparison")
+    if not comp:
+        return []
+    lines = [
+        f"The plain coefficient grid (step {comp['grid_step']:g}) made "
+        f"{comp['grid_evaluations']} evaluations; its best objective is {comp['grid_best']:.4f}.",
+        f"The {report['algorithm']} search made {comp['optuna_evaluations']} evaluations; its "
+        f"best is {comp['optuna_best']:.4f}.",
+    ]
+    for tol, count in comp["optuna_evaluations_to_reach"].items():
+        reached = f"after {count} evaluations" if count else "not within its evaluations"
+        lines.append(f"Within {tol} of the grid's best: {reached} "
+                     f"(grid: {comp['grid_evaluations']}).")  # fmt: skip
+    return lines
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _weights_text(report: dict) -> str:
+    """The merged model's weights, and the search's best when `merge --weights` chose others."""
+    text = ", ".join(f"{k} = {v:.4f}" for k, v in report["dem_weights"].items())
+    if report["dem_weights"] != report["best_weights"]:
+        best = ", ".join(f"{k} = {v:.4f}" for k, v in report["best_weights"].items())
+        text += f" (given with `merge --weights`; the search's best: {best})"
+    return text
+
+
+def render_markdown(report: dict, plots: dict[str, str]) -> str:
+    parts = [
+        "# dem-ray report",
+        "",
+        report["summary"],
+        "",
+        f"Base model: `{report['base_model']}` ({report['parameters']:,} parameters); "
+        f"datasets: {', '.join(report['datasets'])}.",
+        "",
+        f"Merged weights ({report['algorithm']} over the {report['space']} space, "
+        f"{report['num_trials']} trials): {_weights_text(report)}.",
+        "",
+        "## Validation perplexity",
+        "",
+        markdown_table(ppl_table(report)),
+        "",
+        "## Cost",
+        "",
+        markdown_table(cost_table(report)),
+        "",
+        f"Device-seconds are GPU-seconds on GPUs and CPU core-seconds on CPUs, priced at "
+        f"${report['prices']['usd_per_gpu_hour']}/GPU-hour and "
+        f"${report['prices']['usd_per_cpu_hour']}/CPU-hour. DEM's cost is its fine-tunes, "
+        "vectors, search and merge; the report's own scoring is listed apart.",
+        "",
+    ]
+    lines = comparison_lines(report)
+    if lines:
+        parts += ["## Search against the coefficient grid", "", *lines, ""]
+    lines = update_lines(report)
+    if lines:
+        parts += ["## Cost of the last update", "", *lines, ""]
+    for title, name in plots.items():
+        parts += [f"## {title}", "", f"![{title}]({name})", ""]
+    return "\n".join(parts)
+
+
+def render_html(report: dict, plots: dict[str, Path]) -> str:
+    images = "".join(
+        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+        f"src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+        for title, path in plots.items()
+    )
+    comparison = "".join(f"<p>{html.escape(x)}</p>" for x in comparison_lines(report))
+    update = "".join(f"<p>{html.escape(x)}</p>" for x in update_lines(report))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dem-ray report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; }}
+.summary {{ font-size: 1.1rem; background: #f4f6fa; padding: .8rem 1rem; }}
+</style></head><body>
+<h1>dem-ray report</h1>
+<p class="summary" id="summary">{html.escape(report["summary"])}</p>
+<p>Base model: <code>{html.escape(report["base_model"])}</code>
+({report["parameters"]:,} parameters). Merged weights ({html.escape(report["algorithm"])},
+{report["num_trials"]} trials): {html.escape(_weights_text(report))}.</p>
+<h2>Validation perplexity</h2>{html_table(ppl_table(report))}
+<h2>Cost</h2>{html_table(cost_table(report))}
+{"<h2>Search against the coefficient grid</h2>" + comparison if comparison else ""}
+{"<h2>Cost of the last update</h2>" + update if update else ""}
+{images}
+</body></html>
+"""
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_search(trials: list[dict], path: Path) -> None:
+    plt = _figure()
+    values = [full_objective(t) for t in trials]
+    best = [min(values[: i + 1]) for i in range(len(values))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    done = [(i, v) for i, v in enumerate(values, start=1) if math.isfinite(v)]
+    ax.scatter([i for i, _ in done], [v for _, v in done], s=14, label="trial objective")
+    stopped = [
+        (i, t["objective"]) for i, t in enumerate(trials, start=1) if not t.get("complete", True)
+    ]
+    if stopped:
+        ax.scatter([i for i, _ in stopped], [v for _, v in stopped], s=14, marker="x",
+                   color="tab:gray", label="stopped early (estimate)")  # fmt: skip
+    ax.plot(range(1, len(best) + 1), best, color="tab:red", label="best so far")
+    ax.set_xlabel("trial (in order finished)")
+    ax.set_ylabel("objective (mean log-perplexity)")
+    ax.set_title("Coefficient search")
+    ax.legend()
+    _save(fig, plt, path)
+
+
+def plot_search_comparison(runs: dict[str, list[dict]], path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for label, trials in runs.items():
+        values = [full_objective(t) for t in trials]
+        best = [min(values[: i + 1]) for i in range(len(values))]
+        ax.step(range(1, len(best) + 1), best, where="post", label=label)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best objective so far")
+    ax.set_title("Search against the coefficient grid")
+    ax.legend()
+    _save(fig, plt, path)
+
+
+def plot_cost(report: dict, path: Path) -> None:
+    plt = _figure()
+    c = report["cost"]
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2), dpi=110)
+    for ax, key, label in ((axes[0], "device_seconds", "device-seconds"), (axes[1], "usd", "USD")):
+        ax.bar(["DEM", "baseline"], [c["dem"][key], c["baseline"][key]],
+               color=["tab:blue", "tab:gray"])  # fmt: skip
+        ax.set_title(label)
+    fig.suptitle("Cost: DEM against the data-mixing grid")
+    _save(fig, plt, path)
+
+
+def write_report(report: dict, search_dir: Path, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path] = {"Search": out_dir / "search.png"}
+    plot_search(read_trials(search_dir / "trials.jsonl"), plots["Search"])
+    if "search_comparison" in report:
+        plots["Search against the grid"] = out_dir / "search_compare.png"
+        plot_search_comparison(
+            {report["algorithm"]: read_trials(search_dir / "trials.jsonl"),
+             "coefficient grid": read_trials(search_dir / "grid_trials.jsonl")},
+            plots["Search against the grid"],
+        )  # fmt: skip
+    if "baseline" in report:
+        plots["Cost"] = out_dir / "cost.png"
+        plot_cost(report, plots["Cost"])
+    for stale in ("search_compare.png", "cost.png"):  # an earlier report's, not this one's
+        if out_dir / stale not in plots.values():
+            (out_dir / stale).unlink(missing_ok=True)
+    json_path, md_path, html_path = (out_dir / f"report.{x}" for x in ("json", "md", "html"))
+    write_text_atomic(json_path, json.dumps(report, indent=2))
+    write_text_atomic(md_path, render_markdown(report, {t: p.name for t, p in plots.items()}))
+    write_text_atomic(html_path, render_html(report, plots))
+    return [json_path, md_path, html_path, *plots.values()]

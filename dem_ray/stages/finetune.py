@@ -1,0 +1,66 @@
+"""finetune: one Ray Train run per dataset, all launched together."""
+
+from __future__ import annotations
+
+from dem_ray.config import result_settings
+from dem_ray.ray.finetune import FinetuneJob, run_finetunes
+from dem_ray.stages.base import RunContext, Stage, StageError, Step
+
+
+class FinetuneStage(Stage):
+    name = "finetune"
+    command = "finetune"
+    outputs = "`finetune/<name>/` (an HF model directory per dataset)"
+    invalidated_by = {
+        "finetune": "every `finetune.*` key that changes the result (not the resource, "
+        "logging and retry keys)",
+        "base": "the prepared base",
+        "train": "the dataset's train shard",
+    }
+
+    def steps(self, ctx: RunContext) -> list[Step]:
+        return [
+            Step(f"finetune/{name}", finetune_inputs(ctx, name), payload={"name": name})
+            for name in ctx.names
+        ]
+
+    def run(self, ctx: RunContext, todo: list[Step]) -> None:
+        ctx.ensure_ray()
+        layout = ctx.layout
+        steps = {step.payload["name"]: step for step in todo}
+        jobs = [
+            FinetuneJob(name, ctx.ref(ctx.base_dir), {name: ctx.ref(layout.shard(name, "train"))},
+                        str(layout.finetune(name)))
+            for name in steps
+        ]  # fmt: skip
+
+        def record(name: str, m: dict) -> None:
+            """As each fine-tune lands: a run stopped while others train keeps it."""
+            ctx.record(
+                steps[name],
+                [layout.finetune(name)],
+                cost={
+                    "device_seconds": m["device_seconds"],
+                    "tokens_trained": m["tokens"],
+                    "wall_seconds": m["wall_seconds"],
+                    "device": m["device"],
+                },
+                extra={"final_loss": m["final_loss"], "steps": m["steps"],
+                       "node_id": m.get("node_id")},  # fmt: skip
+            )
+
+        _, errors = run_finetunes(jobs, ctx.cfg.finetune, layout.ray_train,
+                                  ctx.storage.ray_storage("ray_train"),
+                                  trust_remote_code=ctx.cfg.trust_remote_code,
+                                  on_done=record)  # fmt: skip
+        if errors:
+            name, exc = next(iter(errors.items()))
+            raise StageError(f"fine-tune '{name}' failed: {exc}") from exc
+
+
+def finetune_inputs(ctx: RunContext, name: str) -> dict:
+    return {
+        "finetune": result_settings(ctx.cfg.finetune),
+        "base": ctx.base_fingerprint(),
+        "train": ctx.manifest.entry(f"data/{name}")["outputs"],
+    }

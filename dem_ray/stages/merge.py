@@ -1,0 +1,64 @@
+"""merge: theta_0 + sum_i w_i v_i for the search's best weights (or `--weights`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from dem_ray.core.merge import merge_to_dir
+from dem_ray.models.base import TOKENIZER_FILES
+from dem_ray.stages.base import RunContext, Stage, StageError, Step, Timer
+
+log = logging.getLogger(__name__)
+
+
+class MergeStage(Stage):
+    name = "merge"
+    command = "merge"
+    outputs = "`merged/` (an HF model directory)"
+    invalidated_by = {
+        "weights": "the weights merged: the search's best, or `dem-ray merge --weights`",
+        "vectors": "the vectors",
+        "base": "the prepared base",
+    }
+
+    def steps(self, ctx: RunContext) -> list[Step]:
+        for name in ctx.names:
+            ctx.require(f"vectors/{name}", "vectors")
+        weights = ctx.options.get("weights") or best_weights(ctx)
+        ctx.space.check(weights)
+        inputs = {
+            "weights": weights,
+            "vectors": list(ctx.vector_hashes().values()),
+            "base": ctx.base_fingerprint(),
+        }
+        reads = (ctx.base_dir, *(ctx.layout.vector(n) for n in ctx.names))
+        return [Step("merge", inputs, reads=reads, payload={"weights": weights})]
+
+    def run(self, ctx: RunContext, todo: list[Step]) -> None:
+        [step] = todo
+        weights = step.payload["weights"]
+        timer = Timer()
+        out = ctx.layout.merged
+        base = ctx.base_dir
+        merge_to_dir(
+            base,
+            [ctx.layout.vector(n) for n in ctx.names],
+            [weights[n] for n in ctx.names],
+            out,
+            side_files=[base / name for name in TOKENIZER_FILES],
+            metadata={"datasets": ctx.names},
+        )
+        log.info("merged model -> %s", ctx.show(out))
+        ctx.record(step, [out], cost={"wall_seconds": timer.wall, "device_seconds": timer.cpu},
+                   extra={"weights": weights})  # fmt: skip
+
+
+def best_weights(ctx: RunContext) -> dict[str, float]:
+    ctx.require("search", "search")
+    ctx.fetch((ctx.layout.best,))
+    try:
+        return json.loads(ctx.layout.best.read_text())["weights"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise StageError(f"{ctx.show(ctx.layout.best)}: unreadable ({exc}); run `dem-ray "
+                         f"search {ctx.cfg.source} --force`") from exc  # fmt: skip

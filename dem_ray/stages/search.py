@@ -1,0 +1,225 @@
+"""search: Ray Tune + Optuna over the evaluator pool; and the plain coefficient grid beside it.
+
+The search's inputs leave out `search.num_trials` and `search.compare_grid`: raising
+the first extends a finished search (only the missing trials run), the second adds the
+grid as its own step. Changing the space, the objective, the sampler, the vectors or
+what a score depends on starts the search afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from dem_ray.config import result_settings
+from dem_ray.core.atomic import write_text_atomic
+from dem_ray.core.mixtures import grid_step_for_comparison
+from dem_ray.ray.pool import PoolSpec
+from dem_ray.ray.search import (
+    best_trial,
+    inputs_marker,
+    made_with,
+    read_trials,
+    run_search,
+    warm_start_points,
+)
+from dem_ray.stages.base import RunContext, Stage, Step
+
+log = logging.getLogger(__name__)
+
+EVALUATION_HELP = (
+    "the validation shards, `evaluator.max_validation_sequences`, `evaluator.autocast`, "
+    "`evaluator.vector_dtype` and the vectors"
+)
+
+
+def evaluators(ctx: RunContext, need_vectors: bool = True) -> list:
+    """The evaluator actors, started (or reused) for this run's vectors and shards."""
+    layout = ctx.layout
+    vectors = []
+    if need_vectors:
+        for name in ctx.names:
+            ctx.require(f"vectors/{name}", "vectors")
+        vectors = [ctx.ref(layout.vector(n)) for n in ctx.names]
+    ctx.ensure_ray()
+    spec = PoolSpec(
+        base_dir=ctx.ref(ctx.base_dir),
+        vector_paths=vectors,
+        shard_paths={n: ctx.ref(layout.shard(n, "validation")) for n in ctx.names},
+        trust_remote_code=ctx.cfg.trust_remote_code,
+        vector_hashes=list(ctx.vector_hashes().values()) if need_vectors else [],
+    )
+    return ctx.pool.get(spec)
+
+
+def scoring_inputs(ctx: RunContext) -> dict:
+    """What a candidate's score depends on besides its weights."""
+    return {
+        "vectors": ctx.vector_hashes(),
+        "vector_dtype": ctx.cfg.evaluator.vector_dtype,
+        **ctx.evaluation_inputs(),
+    }
+
+
+class SearchStage(Stage):
+    name = "search"
+    command = "search"
+    outputs = "`search/trials.jsonl`, `search/best.json`"
+    invalidated_by = {
+        "search": "every `search.*` key except `max_concurrent`, `num_trials` (raising it "
+        "runs only the missing trials) and `compare_grid`",
+        "space": "the search space file's text",
+        "scoring": EVALUATION_HELP,
+    }
+
+    def steps(self, ctx: RunContext) -> list[Step]:
+        for name in ctx.names:
+            ctx.require(f"vectors/{name}", "vectors")
+        cfg = ctx.cfg.search
+        inputs = {
+            "search": result_settings(cfg),
+            "space": Path(ctx.space.source).read_text(),
+            "scoring": scoring_inputs(ctx),
+        }
+        wanted = len(ctx.space.grid(cfg.grid_step)) if cfg.algorithm == "grid" else cfg.num_trials
+        layout = ctx.layout
+        return [
+            Step(
+                "search",
+                inputs,
+                reads=(layout.trials, inputs_marker(layout.trials)),
+                enough=lambda entry: entry.get("num_trials", 0) >= wanted,
+            )
+        ]
+
+    def run(self, ctx: RunContext, todo: list[Step]) -> None:
+        [step] = todo
+        start = time.perf_counter()
+        layout = ctx.layout
+        earlier = ctx.manifest.entry("search")
+        changed = earlier is not None and earlier.get("inputs") != step.digest
+        actors = evaluators(ctx)
+        points, update = _warm_start(ctx, earlier if changed else None, step.digest)
+        if update is None and earlier is not None and not changed:
+            update = earlier.get("update")  # an extended search keeps what its start was
+        trials = run_search(ctx.cfg.search, ctx.space, actors, layout.search, layout.ray_tune,
+                            inputs=step.digest, fresh=bool(ctx.options.get("force")),
+                            warm_start=points, **_tune_storage(ctx, layout.trials))  # fmt: skip
+        best = best_trial(trials)
+        best_record = {
+            "weights": best["weights"],
+            "objective": {"name": ctx.cfg.search.objective, "value": best["objective"]},
+            "ppl": best["ppl"],
+            "trial": best["trial"],
+            "num_trials": len(trials),
+            "algorithm": ctx.cfg.search.algorithm,
+            "space": ctx.space.kind,
+            "update": update,
+        }
+        write_text_atomic(layout.best, json.dumps(best_record, indent=2))
+        weights = ", ".join(f"{k}={v:.4f}" for k, v in best["weights"].items())
+        log.info("search done: best objective %.4f at %s -> %s", best["objective"], weights,
+                 ctx.show(layout.search))  # fmt: skip
+        ctx.record(step, [layout.trials, layout.best],
+                   cost=search_cost(ctx, trials, start),
+                   extra={"vectors": ctx.vector_hashes(), "num_trials": len(trials),
+                          "update": update})  # fmt: skip
+
+
+class GridStage(Stage):
+    """The plain coefficient grid over the same space, to compare the search against."""
+
+    name = "search_grid"
+    command = "search"
+    outputs = "`search/grid_trials.jsonl` (with `search.compare_grid: true`)"
+    invalidated_by = {
+        "grid": "`search.objective`, `seed`, the grid's step (`baseline.grid_step`, else "
+        "`search.grid_step`)",
+        "space": "the search space file's text",
+        "scoring": EVALUATION_HELP,
+    }
+
+    def grid_config(self, ctx: RunContext):
+        return ctx.cfg.search.model_copy(
+            update={
+                "algorithm": "grid",
+                "grid_step": grid_step_for_comparison(ctx.cfg),
+                "scheduler": "none",  # the reference scores every grid point on all tokens
+            }
+        )
+
+    def steps(self, ctx: RunContext) -> list[Step]:
+        if not ctx.cfg.search.compare_grid:
+            return []
+        cfg = self.grid_config(ctx)
+        inputs = {
+            "grid": result_settings(cfg),
+            "space": Path(ctx.space.source).read_text(),
+            "scoring": scoring_inputs(ctx),
+        }
+        grid = ctx.layout.grid_trials
+        return [Step("search_grid", inputs, reads=(grid, inputs_marker(grid)))]
+
+    def run(self, ctx: RunContext, todo: list[Step]) -> None:
+        [step] = todo
+        start = time.perf_counter()
+        layout = ctx.layout
+        trials = run_search(self.grid_config(ctx), ctx.space, evaluators(ctx), layout.search,
+                            layout.ray_tune, trials_name=layout.grid_trials.name,
+                            inputs=step.digest, fresh=bool(ctx.options.get("force")),
+                            **_tune_storage(ctx, layout.grid_trials))  # fmt: skip
+        ctx.record(step, [layout.grid_trials], cost=search_cost(ctx, trials, start))
+
+
+def search_cost(ctx: RunContext, trials: list[dict], start: float) -> dict:
+    """The trials' device-seconds, plus loading base and vectors into the actors."""
+    startup = ctx.pool.take_startup_cost()
+    return {
+        "device_seconds": sum(t["device_seconds"] for t in trials)
+        + startup["startup_device_seconds"],
+        "startup_device_seconds": startup["startup_device_seconds"],
+        "tokens_evaluated": sum(t["tokens_evaluated"] for t in trials),
+        "wall_seconds": time.perf_counter() - start,
+        "evaluations": len(trials),
+        "device": ctx.pool.device,
+    }
+
+
+def _tune_storage(ctx: RunContext, trials_path: Path) -> dict:
+    """run_search's storage arguments: a bucket run gets each finished trial uploaded, so
+    a search resumed on another machine keeps it."""
+    if not ctx.storage.remote:
+        return {}
+    return {
+        "ray_storage": ctx.storage.ray_storage("ray_tune"),
+        "after_write": lambda: ctx.storage.push([trials_path, inputs_marker(trials_path)]),
+    }
+
+
+def _warm_start(
+    ctx: RunContext, earlier: dict | None, inputs: str
+) -> tuple[list[dict], dict | None]:
+    """After datasets were added or changed: the earlier search's best candidates first.
+
+    Also says which datasets' vectors are new since that search, for the report's
+    cost of the update. ([], None) on a first search, an extended one or a forced re-run.
+    """
+    if earlier is None:
+        return [], None
+    before = earlier.get("vectors", {})
+    updated = [n for n, h in ctx.vector_hashes().items() if before.get(n) != h]
+    points: list[dict] = []
+    new: list[str] = []
+    trials_path = ctx.layout.trials
+    resuming = made_with(trials_path, inputs)
+    if ctx.cfg.search.algorithm != "grid" and not resuming:
+        earlier_trials = read_trials(trials_path)
+        points, new = warm_start_points(earlier_trials, ctx.space, ctx.cfg.search.warm_start)
+        if earlier_trials and not points and ctx.cfg.search.warm_start:
+            log.info("search: earlier trials not reusable here (a dataset removed?); cold start")
+        if points:
+            log.info("search: warm start from %d of %d earlier trials (new datasets: %s)",
+                     len(points), len(earlier_trials), ", ".join(new) or "none")  # fmt: skip
+    return points, {"updated": updated, "new": new, "warm_start_points": len(points)}
