@@ -98,11 +98,10 @@ def _stages(args) -> int:
         uninstall_stop_handlers,
     )
 
-    config = load_config(args.config)
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     install_stop_handlers()
     try:
-        return _run_stages(args, config)
+        return _run_stages(args, load_config(args.config))
     except Stopped as stop:
         exit_stopped(stop, f"dem-ray: stopped by {stop.name}; what finished is kept, and "
                            f"`dem-ray run {args.config}` carries on from there")  # fmt: skip

@@ -180,9 +180,12 @@ class Pipeline:
         return evaluators(self.ctx, need_vectors)
 
     def report(self) -> dict:
+        """The report's data (fetched first for a bucket run: the CLI's summary reads it)."""
         import json
 
-        return json.loads((self.layout.report / "report.json").read_text())
+        path = self.layout.report / "report.json"
+        self.storage.pull(path.relative_to(self.run_dir).as_posix())
+        return json.loads(path.read_text())
 
     def _check_run_dir(self) -> None:
         try:

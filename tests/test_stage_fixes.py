@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -116,7 +117,7 @@ def _fail_mixture(job: str):
 
 
 def test_a_failed_baseline_keeps_its_scored_mixtures_and_a_new_objective_retrains_nothing(
-    ray_session, tiny_base, tiny_data, make_config, tmp_path, monkeypatch
+    ray_session, tiny_base, tiny_data, make_config, tmp_path, monkeypatch, caplog
 ):
     from ray import cloudpickle
 
@@ -147,9 +148,14 @@ def test_a_failed_baseline_keeps_its_scored_mixtures_and_a_new_objective_retrain
     kept = [i for i in ids if first.manifest.is_recorded(f"baseline/{i}")]
     assert sorted(kept) == sorted([ids[0], ids[2]])  # the two that finished were recorded
 
+    # A run stopped after training a mixture and before scoring it: the model is there
+    # (with the inputs it was trained with), its record is not.
+    first.manifest.forget(f"baseline/{ids[0]}")
     second = Pipeline(parse_config(raw))
-    second.run(("baseline",))
-    assert second.ran == [f"baseline/{ids[1]}", "baseline"]  # only the failed one trained
+    with caplog.at_level(logging.INFO, logger="dem_ray.stages.baseline"):
+        second.run(("baseline",))
+    assert second.ran == [f"baseline/{ids[0]}", f"baseline/{ids[1]}", "baseline"]
+    assert "1 of 3 mixtures to train (1 trained earlier, to score)" in caplog.text
 
     by_tokens = {**raw, "search": {**raw["search"], "objective": "token_weighted"}}
     third = Pipeline(parse_config(by_tokens))

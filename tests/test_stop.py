@@ -14,6 +14,10 @@ lands there without any timing. The long stages (fine-tunes, search, the baselin
 fine-tunes) are made long, and the signal goes once their progress lines show on stderr.
 The wrapper also makes a private Ray small (`ray.init(address="local")` gets few CPUs,
 no dashboard and the case's temp dir).
+
+To keep the file quick, one whole tiny run is made once and the cases of the later stages
+start from copies of it with the entries of their stage and those after it dropped from
+the manifest; the run stopped mid-search is the one the resume test resumes.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ REACH_DEADLINE_S = 300.0  # from the start to the stage (Ray and trainer start-u
 RUN_DEADLINE_S = 600.0  # a whole tiny run
 NAMES = ("numbers", "letters")  # two datasets: fewer trainers to start on a small machine
 LONG_STEPS = 100_000  # a fine-tune that does not end during a test
-SEARCH_TRIALS = 40  # a search still running when the signal comes after trial 1
+SEARCH_TRIALS = 24  # a search still running when the signal comes after trial 1
 STEP_LINE = r"\] step \d+/\d+"  # a fine-tune worker's progress line (via log_to_driver)
 TRIAL_LINE = r"search: trial \d+/\d+"
 

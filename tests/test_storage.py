@@ -232,10 +232,11 @@ def test_a_run_on_s3_keeps_everything_in_the_bucket_and_resumes_from_it(
         second = run_cli(work, home, ray_tmps[1])
         assert second.returncode == 0, second.stderr[-4000:]
         assert "stages run: none" in second.stdout
-        # Deciding that cost the manifest and one listing: no artifact was downloaded.
+        # Deciding that cost the manifest and one listing: no artifact was downloaded, only
+        # the report's data for the summary the command prints.
         fresh = ray_tmps[1] / "ray" / "dem_ray_cache"
         fetched = {Path(f).name for f in files_in(fresh) if not Path(f).name.startswith(".")}
-        assert fetched == {"manifest.json"}, fetched
+        assert fetched == {"manifest.json", "report.json"}, fetched
         # A vector lost from the bucket is computed again, there; nothing else is.
         fs.delete_file(f"{root}/vectors/letters.safetensors")
         third = run_cli(work, home, ray_tmps[1])

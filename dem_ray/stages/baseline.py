@@ -67,34 +67,67 @@ class MixturesStage(Stage):
 
     def run(self, ctx: RunContext, todo: list[Step]) -> None:
         hp = ctx.cfg.finetune
+        layout = ctx.layout
+        by_job = {f"mixture {s.payload['id']}": s for s in todo}
+        # A mixture trained by a run stopped before scoring it is scored, not trained again.
+        trained = {job: m for job, s in by_job.items()
+                   if (m := _trained_earlier(ctx, s)) is not None}  # fmt: skip
+        to_train = [s for job, s in by_job.items() if job not in trained]
         steps = todo[0].payload["steps"]
         total = len(planned_mixtures(ctx))
-        log.info("baseline: %d of %d mixtures to train, %d steps each (%d tokens)", len(todo),
-                 total, steps, steps * hp.batch_size * hp.seq_len * hp.num_workers)  # fmt: skip
-        ctx.ensure_ray()
-        ctx.pool.release()  # its CPUs/GPUs go to the trainers; it is started again after
-        layout = ctx.layout
-        shards = {n: ctx.ref(layout.shard(n, "train")) for n in ctx.names}
-        jobs = [
-            FinetuneJob(f"mixture {s.payload['id']}", ctx.ref(ctx.base_dir), shards,
-                        str(layout.mixture(s.payload["id"])), mixture=s.payload["mixture"],
-                        max_steps=steps)
-            for s in todo
-        ]  # fmt: skip
-        steps = {f"mixture {s.payload['id']}": s for s in todo}
-        trained: dict[str, dict] = {}
-        # Scored after all are trained: the evaluator takes resources the trainers need.
-        _, errors = run_finetunes(jobs, hp, layout.ray_train,
-                                  ctx.storage.ray_storage("ray_train"),
-                                  trust_remote_code=ctx.cfg.trust_remote_code,
-                                  on_done=trained.__setitem__)  # fmt: skip
+        log.info("baseline: %d of %d mixtures to train (%d trained earlier, to score), %d steps "
+                 "each (%d tokens)", len(to_train), total, len(trained), steps,
+                 steps * hp.batch_size * hp.seq_len * hp.num_workers)  # fmt: skip
+        errors: dict = {}
+        if to_train:
+            ctx.ensure_ray()
+            ctx.pool.release()  # its CPUs/GPUs go to the trainers; it is started again after
+            shards = {n: ctx.ref(layout.shard(n, "train")) for n in ctx.names}
+            jobs = [
+                FinetuneJob(f"mixture {s.payload['id']}", ctx.ref(ctx.base_dir), shards,
+                            str(layout.mixture(s.payload["id"])), mixture=s.payload["mixture"],
+                            max_steps=steps)
+                for s in to_train
+            ]  # fmt: skip
+
+            def landed(job: str, metrics: dict) -> None:
+                _mark_trained(ctx, by_job[job], metrics)
+                trained[job] = metrics
+
+            # Scored after all are trained: the evaluator takes resources the trainers need.
+            _, errors = run_finetunes(jobs, hp, layout.ray_train,
+                                      ctx.storage.ray_storage("ray_train"),
+                                      trust_remote_code=ctx.cfg.trust_remote_code,
+                                      on_done=landed)  # fmt: skip
         if trained:
             actor = evaluators(ctx, need_vectors=False)[0]
-            for name, metrics in trained.items():
-                _score_mixture(ctx, actor, steps[name], metrics)
+            for job, metrics in trained.items():
+                _score_mixture(ctx, actor, by_job[job], metrics)
         if errors:
             name, exc = next(iter(errors.items()))
             raise StageError(f"baseline {name} failed: {exc}") from exc
+
+
+TRAINED_MARKER = "dem_ray_trained.json"
+
+
+def _mark_trained(ctx: RunContext, step: Step, metrics: dict) -> None:
+    """A trained mixture's model dir says with which inputs it was trained, and its cost."""
+    marker = ctx.layout.mixture(step.payload["id"]) / TRAINED_MARKER
+    write_text_atomic(marker, json.dumps({"inputs": step.digest, "metrics": metrics}))
+
+
+def _trained_earlier(ctx: RunContext, step: Step) -> dict | None:
+    """The training metrics of this mixture's model when it is there, trained with these
+    inputs (the model dir is swapped in whole, so it is never half-written)."""
+    if ctx.options.get("force"):
+        return None
+    marker = ctx.layout.mixture(step.payload["id"]) / TRAINED_MARKER
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["metrics"] if saved.get("inputs") == step.digest else None
 
 
 def _score_mixture(ctx: RunContext, actor, step: Step, trained: dict) -> None:

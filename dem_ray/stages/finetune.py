@@ -45,8 +45,11 @@ class FinetuneStage(Stage):
                     "wall_seconds": m["wall_seconds"],
                     "device": m["device"],
                 },
-                extra={"final_loss": m["final_loss"], "steps": m["steps"],
-                       "node_id": m.get("node_id")},  # fmt: skip
+                extra={
+                    "final_loss": m["final_loss"],
+                    "steps": m["steps"],
+                    "node_id": m.get("node_id"),
+                },  # fmt: skip
             )
 
         _, errors = run_finetunes(jobs, ctx.cfg.finetune, layout.ray_train,

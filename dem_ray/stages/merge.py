@@ -55,7 +55,10 @@ class MergeStage(Stage):
 
 
 def best_weights(ctx: RunContext) -> dict[str, float]:
-    ctx.require("search", "search")
+    """The search's best, as its manifest entry records it (best.json for older runs)."""
+    entry = ctx.require("search", "search")
+    if "best_weights" in entry:
+        return entry["best_weights"]
     ctx.fetch((ctx.layout.best,))
     try:
         return json.loads(ctx.layout.best.read_text())["weights"]

@@ -125,7 +125,7 @@ class SearchStage(Stage):
         ctx.record(step, [layout.trials, layout.best],
                    cost=search_cost(ctx, trials, start),
                    extra={"vectors": ctx.vector_hashes(), "num_trials": len(trials),
-                          "update": update})  # fmt: skip
+                          "update": update, "best_weights": best["weights"]})  # fmt: skip
 
 
 class GridStage(Stage):
