@@ -113,7 +113,8 @@ def main() -> None:
         base = c.base_dir(args.size, args.cache_dir, root)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            build_run(base, root)
+            with c.stdout_to_stderr():  # Tune's tables; stdout keeps only the figures
+                build_run(base, root)
         finally:
             ray.shutdown()
         (root / ".complete").write_text("ok\n")

@@ -1,6 +1,6 @@
 """Peak memory of the vectors stage (dem_ray.core.vectors.compute_vector) against the model size.
 
-For each k, a fresh child process runs what `Pipeline.stage_vectors` runs for k
+For each k, a fresh child process runs what the vectors stage (`dem_ray.stages.vectors`) runs for k
 fine-tunes (check_compatible + compute_vector, one after the other) and reports its
 peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`). A baseline child imports the
 same modules and does nothing; its peak is subtracted. The fine-tunes are fakes:

@@ -140,10 +140,12 @@ class Pipeline:
                 log.info("stage %s: up to date, skipped", step.key)
                 self.skipped.append(step.key)
                 continue
-            changed = ctx.manifest.changed_inputs(step.key, step.parts)
+            entry = ctx.manifest.entry(step.key)
             why = ""
-            if ctx.manifest.entry(step.key) is not None and changed:
-                why = f" (changed: {', '.join(changed)})"
+            if entry is not None and not entry.get("input_parts"):
+                why = " (its inputs were recorded by an earlier dem-ray)"
+            elif entry is not None and entry.get("inputs") != step.digest:
+                why = f" (changed: {', '.join(ctx.manifest.changed_inputs(step.key, step.parts))})"
             log.info("stage %s: running%s", step.key, why)
             self.ran.append(step.key)
             todo.append(step)

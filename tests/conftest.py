@@ -150,6 +150,62 @@ def record_finetune(pipeline, name: str) -> None:
     pipeline.ctx.record(step, [pipeline.layout.finetune(name)])
 
 
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never wait for an instance metadata service
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 server (moto) on 127.0.0.1; yields `bucket(name)`, which creates a bucket and
+    returns a function making run-dir URIs in it."""
+    import logging
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+
+    def bucket(name: str):
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?{query}&allow_bucket_creation=true")
+        fs.create_dir(name)
+        return lambda path: f"s3://{name}/{path}?{query}"
+
+    try:
+        yield bucket
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll for an event (a file appearing, a process ending), failing after `timeout`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def lines_in(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def _free_ports(count: int) -> list[int]:
     """Ports free on loopback now, for a Ray head the test starts and stops itself."""
     sockets = [socket.socket() for _ in range(count)]

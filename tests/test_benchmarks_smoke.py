@@ -134,3 +134,14 @@ def test_search_load(tmp_path):
     assert figures["calls"] == 300  # resumed: the first 30 trials were not evaluated again
     assert figures["rss_first_bytes"] > 0
     assert figures["rss_all_bytes"] <= 1.10 * figures["rss_first_bytes"]
+
+
+def test_noop_run(tmp_path):
+    out = tmp_path / "noop.json"
+    done = run("noop_run.py", "--size", "tiny", "--repeats", "1", "--cache-dir", str(tmp_path),
+               "--json", str(out), tmp_path=tmp_path, timeout=600)  # fmt: skip
+    assert "default" in done.stdout and "--verify" in done.stdout
+    figures = json.loads(out.read_text())
+    default, verify = figures["median"]["default"], figures["median"]["--verify"]
+    assert default["hashed"] == 0  # a no-op trusts what it recorded: nothing re-hashed
+    assert verify["hashed"] >= figures["artifacts_bytes"] * 0.5  # --verify reads them all

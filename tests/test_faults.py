@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import stand_in_run
+from conftest import lines_in, stand_in_run, wait_for
 from safetensors.torch import load_file
 
 from dem_ray.cli import main
@@ -36,18 +36,6 @@ def stand_in(tmp_path, tiny_base, tiny_data, make_config):
         return stand_in_run(raw, config_path), raw, config_path
 
     return build
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def lines_in(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 # ---- 1. an evaluator actor dies mid-search ------------------------------------------------------

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import S3_CREDENTIALS
 
 from dem_ray.run import lock as lock_module
 from dem_ray.run.lock import BUCKET_LOCK_TTL_S, LOCK_NAME, RunDirBusy, RunLock, lock_ttl_s
@@ -34,12 +35,7 @@ print("locked", flush=True)
 sys.stdin.read()
 lock.release()
 """
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",  # never wait for an instance metadata service
-}
+CREDENTIALS = S3_CREDENTIALS
 
 
 def start_holder(run_dir: Path) -> subprocess.Popen:
@@ -152,30 +148,9 @@ def test_the_ttl_comes_from_the_environment(monkeypatch) -> None:
 
 # ---- bucket run dirs -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def s3():
-    """An S3 server on 127.0.0.1 and a bucket (as in test_storage.py); yields a function
-    making run-dir URIs."""
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://dem-ray-lock?{query}&allow_bucket_creation=true")
-    fs.create_dir("dem-ray-lock")
-    try:
-        yield lambda path: f"s3://dem-ray-lock/{path}?{query}"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def s3(s3_server):
+    """Run-dir URIs in a bucket of the suite's S3 server (conftest)."""
+    return s3_server("dem-ray-lock")
 
 
 @pytest.fixture

@@ -157,3 +157,47 @@ def test_sha256_file_and_files_under(run: Path) -> None:
         run / "vectors" / "b.safetensors",
     ]
     assert files_under(path) == [path]
+
+
+def test_unchanged_outputs_are_trusted_without_reading_them(run: Path) -> None:
+    record(run)
+    manifest = Manifest(run)
+    assert manifest.is_done("vectors", "in-1")
+    assert manifest.bytes_hashed == 0  # size and mtime as recorded: nothing read
+    verified = Manifest(run)
+    assert verified.is_done("vectors", "in-1", verify=True)
+    assert (
+        verified.bytes_hashed
+        == sum(p.stat().st_size for p in files_under(run / "vectors"))
+        + (run / "report.json").stat().st_size
+    )
+
+
+def test_a_touched_output_is_hashed_once_then_trusted_again(run: Path) -> None:
+    import os
+
+    record(run)
+    path = run / "vectors" / "a.safetensors"
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    manifest = Manifest(run)
+    assert manifest.is_done("vectors", "in-1")  # same bytes: still done
+    assert manifest.bytes_hashed == stat.st_size  # ... found by reading it once
+    manifest.save_if_changed()
+    again = Manifest(run)
+    assert again.is_done("vectors", "in-1") and again.bytes_hashed == 0
+
+
+def test_a_manifest_of_an_earlier_version_is_hashed_once_then_trusted(run: Path) -> None:
+    record(run)
+    data = json.loads((run / "manifest.json").read_text())
+    for entry in data["stages"].values():
+        entry.pop("stats")  # what the previous release wrote
+    (run / "manifest.json").write_text(json.dumps(data))
+    manifest = Manifest(run)
+    assert manifest.is_done("vectors", "in-1") and manifest.bytes_hashed > 0
+    manifest.save_if_changed()
+    assert Manifest(run).is_done("vectors", "in-1")
+    later = Manifest(run)
+    later.is_done("vectors", "in-1")
+    assert later.bytes_hashed == 0

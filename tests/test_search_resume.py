@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from conftest import lines_in, wait_for
 from ray.tune.search import Searcher
 from safetensors.torch import load_file
 
@@ -78,18 +79,6 @@ def assert_distinct(trials: list[dict], tol: float = 1e-9) -> None:
 def complete_lines(path: Path) -> bytes:
     data = path.read_bytes()
     return data[: data.rfind(b"\n") + 1]
-
-
-def lines_in(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def kill_processes_under(temp_dir: Path) -> None:

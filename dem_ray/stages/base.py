@@ -48,7 +48,9 @@ class Step:
 
     @property
     def digest(self) -> str:
-        return hash_json(self.parts)
+        """The hash the manifest keeps (of the inputs themselves: a run dir made before
+        the stage redesign keeps its data, fine-tunes and vectors)."""
+        return hash_json(self.inputs)
 
 
 class Stage:
