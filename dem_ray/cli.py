@@ -92,7 +92,7 @@ def _stages(args) -> int:
     import signal
 
     from dem_ray.run.stopping import (
-        Stopped,
+        as_stopped,
         exit_stopped,
         install_stop_handlers,
         uninstall_stop_handlers,
@@ -102,7 +102,8 @@ def _stages(args) -> int:
     install_stop_handlers()
     try:
         return _run_stages(args, load_config(args.config))
-    except Stopped as stop:
+    except KeyboardInterrupt as exc:  # Stopped, or Ray's re-raise of it
+        stop = as_stopped(exc)
         exit_stopped(stop, f"dem-ray: stopped by {stop.name}; what finished is kept, and "
                            f"`dem-ray run {args.config}` carries on from there")  # fmt: skip
         raise  # not reached: exit_stopped exits

@@ -21,7 +21,7 @@ from dem_ray.models.base import base_kind, base_path, check_model_dir
 from dem_ray.run.layout import RunLayout
 from dem_ray.run.lock import RunLock
 from dem_ray.run.manifest import Manifest
-from dem_ray.run.stopping import Stopped, reinstall_stop_handlers
+from dem_ray.run.stopping import reinstall_stop_handlers
 from dem_ray.run.storage import RunStorage
 from dem_ray.stages import COMMANDS, PREREQUISITES, RunContext, Stage, StageError, stages_of
 
@@ -103,7 +103,7 @@ class Pipeline:
         try:
             for command in commands:
                 self.run_command(command, force=force)
-        except Stopped:
+        except KeyboardInterrupt:  # a stop (`Stopped`, or Ray's re-raise of it)
             self.close(stopping=True)
             raise
         self.close()

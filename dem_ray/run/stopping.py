@@ -47,9 +47,12 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
 ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1"}
 
 
-class Stopped(BaseException):
-    """The run was asked to stop by a signal. A BaseException, so that no
-    `except Exception` on the way up (a stage's error handling) turns it into an error."""
+class Stopped(KeyboardInterrupt):
+    """The run was asked to stop by a signal. A KeyboardInterrupt (so a BaseException), so
+    that no `except Exception` on the way up turns it into an error, and because Ray's
+    Cython waits (`ray.get`, `ray.wait`, Tune's loop) turn a signal handler's
+    KeyboardInterrupt into their own KeyboardInterrupt and any other exception into a
+    SystemError. Code that catches it should use `as_stopped` to recover the signal."""
 
     def __init__(self, signum: int) -> None:
         self.signum = int(signum)
@@ -98,6 +101,14 @@ def reinstall_stop_handlers() -> bool:
 def stop_requested() -> Stopped | None:
     """The `Stopped` of the first signal, or None: for code that polls instead of raising."""
     return _stopped
+
+
+def as_stopped(exc: BaseException) -> Stopped:
+    """The stop behind a KeyboardInterrupt: itself, the first signal's (Ray re-raises a
+    plain KeyboardInterrupt of its own), or SIGINT's when no handler of ours saw it."""
+    if isinstance(exc, Stopped):
+        return exc
+    return _stopped or Stopped(signal.SIGINT)
 
 
 def _on_signal(signum: int, frame) -> None:
