@@ -121,12 +121,7 @@ def _run_stages(args, config) -> int:
         if args.command == "run":
             pipeline.run(tuple(COMMANDS), force=args.force)
         elif args.command == "merge" and args.weights:
-            weights = _parse_weights(args.weights)
-            pipeline.open("merge")
-            try:
-                pipeline.run_command("merge", force=True, weights=weights)
-            finally:
-                pipeline.close()
+            pipeline.run(("merge",), force=True, weights=_parse_weights(args.weights))
         else:
             pipeline.run((args.command,), force=args.force)
     print(f"stages run: {', '.join(pipeline.ran) or 'none'}")

@@ -24,10 +24,9 @@ from dem_ray.run.manifest import Manifest
 from dem_ray.run.stopping import reinstall_stop_handlers
 from dem_ray.run.storage import RunStorage
 from dem_ray.stages import COMMANDS, PREREQUISITES, RunContext, Stage, StageError, stages_of
+from dem_ray.stages.base import resolve_data_path
 
 log = logging.getLogger(__name__)
-
-PipelineError = StageError  # the name earlier versions raised
 
 
 class Pipeline:
@@ -81,7 +80,7 @@ class Pipeline:
             check_model_dir(base_path(self.cfg.base_model), role="base model")
         for name, ds in self.cfg.datasets.items():
             for path in filter(None, (ds.path, ds.validation_path)):
-                readers.check_readable(self._data_path(path), ds.text_field, name)
+                readers.check_readable(resolve_data_path(path, self.config_dir), name)
         self._lock = _acquire_lock(self.storage, command)
         self._commands_done = set()
         try:
@@ -98,11 +97,14 @@ class Pipeline:
             self._lock = None
             raise
 
-    def run(self, commands: tuple[str, ...] = tuple(COMMANDS), force: bool = False) -> None:
+    def run(
+        self, commands: tuple[str, ...] = tuple(COMMANDS), force: bool = False, **options: Any
+    ) -> None:
+        """Open, run the commands' stages (`options` reach them, e.g. merge's weights), close."""
         self.open(commands[0] if len(commands) == 1 else "run")
         try:
             for command in commands:
-                self.run_command(command, force=force)
+                self.run_command(command, force=force, **options)
         except KeyboardInterrupt:  # a stop (`Stopped`, or Ray's re-raise of it)
             self.close(stopping=True)
             raise
@@ -202,10 +204,6 @@ class Pipeline:
             ) from exc
         if self.storage.remote:
             self.storage.check_writable()
-
-    def _data_path(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() or p.exists() else self.config_dir / p
 
 
 # One lock per run dir and process: a second Pipeline in the same process (tests, a

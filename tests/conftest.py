@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -193,13 +197,32 @@ def s3_server():
 
 def wait_for(predicate, timeout: float, what: str) -> None:
     """Poll for an event (a file appearing, a process ending), failing after `timeout`."""
-    import time
-
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def kill_processes_under(temp_dir: Path) -> None:
+    """SIGKILL the processes of the killed driver's private Ray (found by its temp dir),
+    and no others (never `ray stop`); wait until they are gone, then remove the dir."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp_dir) in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(Path("/proc") / proc.name)
+    deadline = time.monotonic() + 15
+    while any(p.exists() for p in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def lines_in(path: Path) -> int:

@@ -3,7 +3,6 @@ a kill mid-write, a damaged artifact. Each test fails when its protection is rem
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import lines_in, stand_in_run, wait_for
+from conftest import kill_processes_under, lines_in, stand_in_run, wait_for
 from safetensors.torch import load_file
 
 from dem_ray.cli import main
@@ -74,21 +73,6 @@ def test_evaluator_killed_mid_search_is_restarted_and_the_trial_retried(ray_sess
 
 
 # ---- 2. the driver dies mid-search --------------------------------------------------------------
-def _kill_processes_under(temp_dir: Path) -> None:
-    """SIGKILL the Ray processes of the killed driver's private instance (found by its
-    temp dir), and no others: never `ray stop`, which kills every Ray on the host."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(temp_dir) in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
 def test_driver_killed_mid_search_resumes_without_rerunning(ray_session, stand_in, caplog):
     total = 16
     pipeline, raw, config_path = stand_in(search={"num_trials": total, "max_concurrent": 2})
@@ -116,7 +100,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning(ray_session, stand_i
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-        _kill_processes_under(temp_dir)
+        kill_processes_under(temp_dir)
     assert driver.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
     kept = read_trials(trials_path)
     assert 4 <= len(kept) < total, "the driver finished before the kill; nothing was tested"

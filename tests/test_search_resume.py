@@ -15,14 +15,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import ray
 import torch
-from conftest import lines_in, wait_for
+from conftest import kill_processes_under, lines_in, wait_for
 from ray.tune.search import Searcher
 from safetensors.torch import load_file
 
@@ -79,27 +78,6 @@ def assert_distinct(trials: list[dict], tol: float = 1e-9) -> None:
 def complete_lines(path: Path) -> bytes:
     data = path.read_bytes()
     return data[: data.rfind(b"\n") + 1]
-
-
-def kill_processes_under(temp_dir: Path) -> None:
-    """SIGKILL the processes of the killed driver's private Ray (found by its temp dir),
-    and no others (never `ray stop`); wait until they are gone, then remove the dir."""
-    killed = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(temp_dir) in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(Path("/proc") / proc.name)
-    deadline = time.monotonic() + 15
-    while any(p.exists() for p in killed) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ def test_a_failed_baseline_keeps_its_scored_mixtures_and_a_new_objective_retrain
 
     # A run stopped after training a mixture and before scoring it: the model is there
     # (with the inputs it was trained with), its record is not.
-    first.manifest.forget(f"baseline/{ids[0]}")
+    del first.manifest.data["stages"][f"baseline/{ids[0]}"]
+    first.manifest.save()
     second = Pipeline(parse_config(raw))
     with caplog.at_level(logging.INFO, logger="dem_ray.stages.baseline"):
         second.run(("baseline",))

@@ -27,11 +27,10 @@ class DataError(ValueError):
 
 def read_documents(path: str | Path, text_field: str, dataset: str) -> list[str]:
     """The non-empty documents of a jsonl, json, parquet, text file or saved HF dataset dir."""
+    check_readable(path, dataset)
     path = Path(path)
     suffix = path.suffix.lower()
     where = f"dataset '{dataset}': {path}"
-    if not path.exists():
-        raise DataError(f"{where}: file not found")
     if path.is_dir():
         docs = _read_dir(path, text_field, where)
     elif suffix == ".jsonl":
@@ -40,22 +39,15 @@ def read_documents(path: str | Path, text_field: str, dataset: str) -> list[str]
         docs = _field(_json_rows(path, where), text_field, where)
     elif suffix == ".parquet":
         docs = _parquet_texts(path, text_field, where)
-    elif suffix in TEXT_SUFFIXES:
+    else:  # a text file: check_readable refused every other kind
         docs = _paragraphs(path.read_text(encoding="utf-8", errors="replace"))
-    elif suffix in {".pt", ".bin", ".pkl", ".pickle"}:
-        raise DataError(f"{where}: pickle files are refused; give jsonl, json, parquet or text")
-    else:
-        raise DataError(
-            f"{where}: unknown file type '{path.suffix}'; use .jsonl, .json, .parquet, "
-            f".txt, or a directory saved by datasets.save_to_disk"
-        )
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{where}: no non-empty documents in field '{text_field}'")
     return docs
 
 
-def check_readable(path: str | Path, text_field: str, dataset: str) -> None:
+def check_readable(path: str | Path, dataset: str) -> None:
     """The checks worth making before any work without reading the whole file: that it
     exists and is of a kind dem-ray reads (the content is checked when it is prepared)."""
     path = Path(path)

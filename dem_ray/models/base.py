@@ -202,14 +202,6 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def save_model_dir(model, out_dir: Path, tokenizer_src: Path | None = None) -> None:
-    """save_pretrained into a temp dir next to `out_dir`, then swap it in."""
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer_src is not None:
-            copy_tokenizer(tokenizer_src, tmp)
-
-
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF file once into an HF directory (fp32 safetensors + its tokenizer).
 

@@ -157,11 +157,6 @@ class Manifest:
         }
         self.save()
 
-    def forget(self, key: str) -> None:
-        """Drop a stage's record (its outputs are about to be rewritten)."""
-        if self.data["stages"].pop(key, None) is not None:
-            self.save()
-
     def save(self) -> None:
         text = json.dumps(self.data, indent=2, sort_keys=True)
         write_text_atomic(self.path, text)

@@ -98,11 +98,6 @@ def reinstall_stop_handlers() -> bool:
     return _installed and install_stop_handlers()
 
 
-def stop_requested() -> Stopped | None:
-    """The `Stopped` of the first signal, or None: for code that polls instead of raising."""
-    return _stopped
-
-
 def as_stopped(exc: BaseException) -> Stopped:
     """The stop behind a KeyboardInterrupt: itself, the first signal's (Ray re-raises a
     plain KeyboardInterrupt of its own), or SIGINT's when no handler of ours saw it."""

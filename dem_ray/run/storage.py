@@ -29,8 +29,6 @@ from dem_ray.core.atomic import atomic_file
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "DEM_RAY_CACHE_DIR"
-# Ray's own storage for Train/Tune runs: Ray reads and writes it; it is never mirrored.
-RAY_OWNED = ("ray_train", "ray_tune")
 _CHUNK = 8 << 20
 
 
@@ -83,7 +81,6 @@ class RunStorage:
 
     def __init__(self, location: str) -> None:
         self.location = location
-        self.bytes_downloaded = 0
         self.fs = None
         self.root = ""
         if not is_uri(location):
@@ -171,7 +168,7 @@ class RunStorage:
             if f.type == pafs.FileType.File
         }
 
-    def pull(self, rel: str = "", skip: Iterable[str] = (), exact: bool = False) -> int:
+    def pull(self, rel: str = "", exact: bool = False) -> int:
         """Bring the local copy of `rel` (a file or a directory) up to date; files fetched.
 
         A local file counts as current when its size and mtime are the remote object's
@@ -181,11 +178,9 @@ class RunStorage:
         """
         if not self.remote:
             return 0
-        skip = tuple(skip)
 
-        def skipped(name: str) -> bool:
-            parts = name.split("/")
-            return parts[0] in skip or any(p.startswith(".") for p in parts)
+        def skipped(name: str) -> bool:  # temp files and markers (a lock) are never pulled
+            return any(p.startswith(".") for p in name.split("/"))
 
         remote = {n: v for n, v in self.remote_files(rel).items() if not skipped(n)}
         if exact and (self.local / rel).is_dir():
@@ -249,7 +244,6 @@ class RunStorage:
         ):
             for block in iter(lambda: src.read(_CHUNK), b""):
                 dst.write(block)
-                self.bytes_downloaded += len(block)
         if mtime is not None:
             os.utime(local, ns=(mtime, mtime))
 

@@ -84,16 +84,6 @@ def inputs_marker(path: Path) -> Path:
     return path.with_name(path.name + ".inputs")
 
 
-def remaining_grid_points(points: list[dict], finished: list[dict]) -> list[dict]:
-    """Grid points no finished trial has evaluated yet."""
-    done = {_point_key(t["weights"]) for t in finished}
-    return [p for p in points if _point_key(p) not in done]
-
-
-def _point_key(weights: dict) -> tuple:
-    return tuple(sorted((k, round(float(v), 9)) for k, v in weights.items()))
-
-
 class Candidates:
     """The candidates (weight vectors over `names`) a search has evaluated or started.
 
@@ -129,6 +119,15 @@ class Candidates:
 
     def __len__(self) -> int:
         return len(self._points)
+
+
+def remaining_grid_points(points: list[dict], finished: list[dict]) -> list[dict]:
+    """Grid points no finished trial has evaluated yet (the same notion of one candidate
+    as the samplers' guard: every weight within `SAME_CANDIDATE`)."""
+    if not points:
+        return []
+    done = Candidates(list(points[0]), (t["weights"] for t in finished))
+    return [p for p in points if p not in done]
 
 
 class TrialLog:

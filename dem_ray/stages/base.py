@@ -70,6 +70,13 @@ class Stage:
         raise NotImplementedError
 
 
+def resolve_data_path(path: str, config_dir: Path) -> Path:
+    """A dataset path from the config: as given when it exists (or is absolute), else
+    relative to the config file's directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or p.exists() else config_dir / p
+
+
 class RunContext:
     """What stages share in one command: config, layout, storage, manifest, evaluator pool."""
 
@@ -94,6 +101,7 @@ class RunContext:
         self.names = list(cfg.dataset_names)
         self.pool = EvaluatorPool(cfg.evaluator)
         self.options: dict[str, Any] = {}  # per-command options, e.g. merge --weights
+        self._listing = None  # the bucket's files, listed once per record
 
     # ---- paths ----------------------------------------------------------------------
     @property
@@ -104,8 +112,7 @@ class RunContext:
         return self.layout.root / entry["path"]  # relative inside the run dir, else absolute
 
     def data_path(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() or p.exists() else self.config_dir / p
+        return resolve_data_path(path, self.config_dir)
 
     def show(self, path: Path) -> str:
         """A path of this run as the user knows it (its URI for a bucket run_dir)."""
@@ -175,8 +182,6 @@ class RunContext:
         if self._listing is None:
             self._listing = self.storage.remote_files()
         return self._listing
-
-    _listing = None
 
     def fetch(self, paths: tuple[Path, ...]) -> None:
         """Bring what a step reads into the local mirror (nothing to do for a local run)."""
