@@ -16,6 +16,10 @@ Overhead of a method = median over rounds of (its time - forward time in that ro
 Also: the merge alone (apply) against a plain copy of a model-sized buffer, and the
 memory-bandwidth floor of one merge.
 
+Then the merge methods (`--methods`, dem_ray.core.merge_methods), side by side in the
+same rounds at the same k, fp32 vectors: per method the one-time preparation (building
+its ResidentMerge), apply alone, and apply + token_nll, each against linear.
+
     python benchmarks/candidate_throughput.py --size smollm2 --repeats 3
 """
 
@@ -35,6 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from dem_ray.core.merge import MODEL_SIDE_FILES, ResidentMerge, merge_to_dir
+from dem_ray.core.merge_methods import METHODS
 from dem_ray.core.perplexity import token_nll
 from dem_ray.core.vectors import save_tensors, tensor_index
 from dem_ray.models.base import load_model, load_tokenizer
@@ -160,6 +165,95 @@ class DiskWays:
         return self._evaluate(out, rows, batch_size), out
 
 
+def method_rounds(args, base, device, rows, vectors, linear, rng) -> dict:
+    """Each merge method's resident merge, timed side by side with linear in every round.
+
+    `linear`: the (model, ResidentMerge, build seconds) already built for (a). Every other
+    method holds its own model, theta_0 and k prepared vectors (memory: one more
+    fp32 resident set each).
+    """
+    built = {}
+    for method in args.methods:
+        if method == "linear":
+            built[method] = linear
+            continue
+        model = load_model(base, str(device)).eval()
+        seconds, rm = bc.timed(
+            lambda m=model, method=method: ResidentMerge(
+                m, vectors, "float32", method=method, density=args.density
+            ),
+            device,
+        )
+        built[method] = (model, rm, seconds)
+        log.info("built the %s resident merge in %.2f s", method, seconds)
+    apply_s = {m: [] for m in built}
+    full_s = {m: [] for m in built}
+    nll = {m: [] for m in built}
+    names = list(built)
+    for round_ in range(args.warmup + args.repeats):
+        w = bc.random_simplex(args.k, rng)
+        shift = round_ % len(names)
+        for method in names[shift:] + names[:shift]:
+            model, rm, _ = built[method]
+            a, _ = bc.timed(lambda rm=rm, w=w: rm.apply(w), device)
+
+            def candidate(rm=rm, model=model, w=w):
+                rm.apply(w)
+                return token_nll(model, rows, args.batch_size)[0]
+
+            f, value = bc.timed(candidate, device)
+            if round_ >= args.warmup:
+                apply_s[method].append(a)
+                full_s[method].append(f)
+                nll[method].append(value)
+        log.info("methods round %d/%d done", round_ + 1, args.warmup + args.repeats)
+    return {
+        m: {
+            "build_seconds": built[m][2],
+            "apply_seconds": bc.median(apply_s[m]),
+            "apply_forward_seconds": bc.median(full_s[m]),
+            "all_apply_seconds": apply_s[m],
+            "all_apply_forward_seconds": full_s[m],
+            "nll_sum": nll[m],
+        }
+        for m in built
+    }
+
+
+def print_methods(args, figures: dict) -> None:
+    ref = figures.get("linear")
+    print(
+        f"\nmerge methods: resident, float32 vectors, k={args.k}, density {args.density} "
+        f"(ties/dare); median of {args.repeats} rounds, side by side; ratios against linear"
+        + ("" if ref else " (n/a: linear not in --methods)")
+    )
+    out = []
+    for method, r in figures.items():
+        out.append(
+            [
+                method,
+                r["build_seconds"],
+                r["apply_seconds"] * 1e3,
+                bc.ratio(r["apply_seconds"], ref["apply_seconds"]) if ref else math.nan,
+                r["apply_forward_seconds"],
+                bc.ratio(r["apply_forward_seconds"], ref["apply_forward_seconds"])
+                if ref
+                else math.nan,
+            ]
+        )
+    headers = ["method", "build s", "apply ms", "apply / linear", "apply+fwd s", "+fwd / linear"]
+    print(bc.table(headers, out))
+    print("build = ResidentMerge(...) once: reading the k vectors and preparing them")
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip() and m.strip() != "none"]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        sys.exit(f"error: --methods: unknown {unknown}; known: {','.join(METHODS)}")
+    return names
+
+
 def main() -> int:
     p = bc.parser(__doc__.splitlines()[0])
     p.add_argument("--k", type=int, default=4, help="number of distribution vectors")
@@ -181,6 +275,16 @@ def main() -> int:
     )
     p.add_argument("--no-disk", action="store_true", help="skip (b) and (b')")
     p.add_argument("--no-mergekit", action="store_true", help="skip (c)")
+    p.add_argument(
+        "--methods",
+        type=parse_methods,
+        default=",".join(METHODS),
+        help="merge methods timed side by side at the end ('none' skips that section; each "
+        "one besides linear holds another fp32 resident copy of the model and the vectors)",
+    )
+    p.add_argument(
+        "--density", type=float, default=0.5, help="density of ties and DARE for --methods"
+    )
     args = p.parse_args()
     device = bc.setup(args)
     merge_repeats = args.merge_repeats or max(10, 2 * args.repeats)
@@ -201,7 +305,8 @@ def main() -> int:
             for i in range(args.k)
         ]
         log.info("%d parameters, k=%d; building the resident merges", params, args.k)
-        resident = {"float32": ResidentMerge(model, vectors, "float32")}
+        build_s, linear_rm = bc.timed(lambda: ResidentMerge(model, vectors, "float32"), device)
+        resident = {"float32": linear_rm}
         models = {"float32": model}
         if "bfloat16" in dtypes:
             models["bfloat16"] = load_model(base, str(device)).eval()
@@ -281,6 +386,17 @@ def main() -> int:
         for dtype in dtypes:
             merge_fns[f"apply {dtype}"] = lambda d=dtype: resident[d].apply(merge_w)
         merge_times = bc.interleaved(merge_fns, merge_repeats, max(args.warmup, 1), device)
+
+        # -- the merge methods, side by side (the disk ways' and bf16 copies freed first) -----
+        method_figures = {}
+        if args.methods:
+            methods = dict.fromkeys(methods)  # drops the closures that hold the disk copies
+            disk = None
+            resident.pop("bfloat16", None)
+            models.pop("bfloat16", None)
+            gc.collect()
+            linear = (model, resident["float32"], build_s)
+            method_figures = method_rounds(args, base, device, rows, vectors, linear, rng)
 
     # -- figures ------------------------------------------------------------------------------
     forward_key = "(0) forward alone"
@@ -388,6 +504,8 @@ def main() -> int:
         "bandwidth floor = bytes a merge must touch / copy bandwidth measured in this run "
         f"({copy_bw / 1e9:.2f} GB/s)"
     )
+    if method_figures:
+        print_methods(args, method_figures)
     bc.write_json(
         args.json,
         {
@@ -402,6 +520,7 @@ def main() -> int:
             else "ran",
             "copy": {"bytes": copy_bytes, "seconds": copy_s, "gb_per_s": copy_bw / 1e9},
             "merge_alone": merges,
+            "merge_methods": method_figures,
         },
     )
     return 0

@@ -148,18 +148,21 @@ def _print_summary(pipeline) -> None:
     from dem_ray.report.render import ppl_table
 
     report = pipeline.report()
-    rows = ppl_table(report)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print()
-    print("validation perplexity (lower is better):")
-    for row in rows:
-        print(
-            "  "
-            + "  ".join(
-                cell.rjust(w) if i else cell.ljust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+    for split in ("validation", "test"):
+        rows = ppl_table(report, split=split)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        print()
+        print(f"{split} perplexity (lower is better):")
+        for row in rows:
+            print(
+                "  "
+                + "  ".join(
+                    cell.rjust(w) if i else cell.ljust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+                )
             )
-        )
+    print()
+    print(report["summary"])
     weights = ", ".join(f"{k}={v:.3f}" for k, v in report["dem_weights"].items())
     print(f"merged weights: {weights}")
     if report["dem_weights"] != report["best_weights"]:

@@ -43,6 +43,7 @@ class ConfigError(ValueError):
 Algorithm = Literal["tpe", "cmaes", "gp", "random", "grid"]
 Objective = Literal["macro", "token_weighted"]
 Scheduler = Literal["none", "asha"]
+MergeMethodName = Literal["linear", "ties", "dare_linear", "dare_ties"]
 Autocast = Literal["none", "bfloat16", "float16"]
 VectorDtype = Literal["float32", "bfloat16", "float16"]
 BaseKind = Literal["gguf", "dir", "hub"]
@@ -179,6 +180,18 @@ class DatasetConfig(_Section):
         gt=0,
         lt=1,
         description="the share of documents held out when there is no `validation_path`",
+        json_schema_extra=_meta(error=_PLAIN_RANGE),
+    )
+    test_path: str | None = Field(
+        None,
+        description="a separate test file, scored only by the report; without it, a seeded "
+        "document-level split of `path` (disjoint from train and validation)",
+    )
+    test_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="the share of `path`'s documents held out as test without a `test_path`",
         json_schema_extra=_meta(error=_PLAIN_RANGE),
     )
     max_train_documents: int | None = Field(
@@ -345,6 +358,21 @@ class SearchConfig(_Section):
     space: str = Field(
         "simplex", description="a file in `search_spaces/` by name, or a path to a space YAML"
     )
+    merge_method: MergeMethodName = Field(
+        "linear",
+        description="how the weighted vectors are combined, the same in the search and in "
+        "`merge`: `linear` (theta_0 + sum_i w_i v_i), `ties` (trim each vector to `density`, "
+        "elect a sign per weight, average the agreeing ones), `dare_linear` / `dare_ties` "
+        "(drop each entry with probability 1 - `density`, rescale the rest, then linear / ties)",
+    )
+    density: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="the share of each vector's entries kept by `ties` and the `dare` methods",
+        json_schema_extra=_meta(error=_PLAIN_RANGE),
+    )
+    dare_seed: int = Field(0, description="the seed of the `dare` methods' drop masks")
     algorithm: Algorithm = Field(
         "tpe",
         description="`tpe`, `cmaes`, `gp`, `random` (Optuna samplers through Ray Tune's "
@@ -461,7 +489,10 @@ class EvaluatorConfig(_Placed):
         8, gt=0, description="validation rows per forward pass", json_schema_extra=_meta(_RESOURCE)
     )
     max_validation_sequences: int | None = Field(
-        64, gt=0, description="validation rows scored per dataset (`null`: all)"
+        64,
+        gt=0,
+        description="validation (and test) rows scored per dataset (`null`: all): a random "
+        "sample seeded by `finetune.seed`, kept in the shard's order",
     )
     vector_dtype: VectorDtype = Field(
         "float32",

@@ -15,7 +15,7 @@ from typing import Any
 
 from dem_ray.config import RunConfig
 from dem_ray.core.atomic import recover_dir
-from dem_ray.core.spaces import load_space
+from dem_ray.core.spaces import check_space_for_method, load_space
 from dem_ray.data import readers
 from dem_ray.models.base import base_kind, base_path, check_model_dir
 from dem_ray.run.layout import RunLayout
@@ -76,10 +76,11 @@ class Pipeline:
             return
         self._check_run_dir()
         space = load_space(self.cfg.search.space, self.names, self.config_dir)
+        check_space_for_method(space, self.cfg.search.merge_method, self.cfg.search.algorithm)
         if base_kind(self.cfg.base_model) == "dir":
             check_model_dir(base_path(self.cfg.base_model), role="base model")
         for name, ds in self.cfg.datasets.items():
-            for path in filter(None, (ds.path, ds.validation_path)):
+            for path in filter(None, (ds.path, ds.validation_path, ds.test_path)):
                 readers.check_readable(resolve_data_path(path, self.config_dir), name)
         self._lock = _acquire_lock(self.storage, command)
         self._commands_done = set()

@@ -190,6 +190,7 @@ def test_zero_usable_training_rows_after_tokenization(capsys, setup, tmp_path):
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"text": "a b"}) + "\n")
     raw["datasets"]["letters"]["path"] = str(short)
+    raw["datasets"]["letters"]["test_path"] = str(data["letters"])  # no test split of short
     expect_error(capsys, setup, raw, "dataset 'letters'", str(short), "training tokens")
     assert not (run_dir / "finetune").exists()
 

@@ -97,11 +97,13 @@ def test_best_mixture_is_kept_as_a_model(compared):
     assert not (pipeline.run_dir / "baseline" / "mixtures").exists()  # only the best is kept
     # The same evaluator and shards: the best mixture's perplexity recomputes.
     from dem_ray.core.perplexity import perplexity, token_nll
+    from dem_ray.ray.evaluator import sample_rows
 
     model = AutoModelForCausalLM.from_pretrained(best_dir).eval()
     limit = 16
     for name in pipeline.names:
-        rows = load_file(pipeline.layout.shard(name, "validation"))["input_ids"][:limit]
+        rows = load_file(pipeline.layout.shard(name, "validation"))["input_ids"]
+        rows = sample_rows(rows, limit, pipeline.cfg.finetune.seed)  # the seeded sample
         expected = perplexity(*token_nll(model, rows, batch_size=4))
         assert report["ppl"]["baseline/best"][name] == pytest.approx(expected, rel=1e-4)
 
@@ -168,7 +170,8 @@ def test_markdown_and_html_show_the_numbers_of_the_json(compared):
     for text in (markdown, page):
         assert expected <= _numbers(text), expected - _numbers(text)
         assert report["summary"] in text.replace("&#x27;", "'").replace("&quot;", '"')
-    assert page.count("data:image/png;base64,") == 3  # search, search vs grid, cost
+    # search, search vs grid, cost, vector similarity
+    assert page.count("data:image/png;base64,") == 4
 
 
 def test_a_report_without_a_baseline_drops_the_earlier_plots(compared, tmp_path):

@@ -612,6 +612,8 @@ ROLES = {
             "text_field",
             "validation_path",
             "validation_fraction",
+            "test_path",
+            "test_fraction",
             "max_train_documents",
         },
     },
@@ -642,6 +644,9 @@ ROLES = {
     SearchConfig: {
         "result": {
             "space",
+            "merge_method",
+            "density",
+            "dare_seed",
             "algorithm",
             "seed",
             "objective",

@@ -103,6 +103,8 @@ def test_merged_model_is_base_plus_weighted_vectors(finished, pretrained_base):
 def test_report_matches_a_recomputation(finished):
     from transformers import AutoModelForCausalLM
 
+    from dem_ray.ray.evaluator import sample_rows
+
     pipeline, raw, _ = finished
     report = pipeline.report()
     assert set(report) >= {"best_weights", "objective", "num_trials", "ppl", "cost"}
@@ -116,7 +118,8 @@ def test_report_matches_a_recomputation(finished):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         nll = {}
         for name in pipeline.names:
-            rows = load_file(pipeline.layout.shard(name, "validation"))["input_ids"][:limit]
+            rows = load_file(pipeline.layout.shard(name, "validation"))["input_ids"]
+            rows = sample_rows(rows, limit, pipeline.cfg.finetune.seed)  # the seeded sample
             nll[name] = token_nll(model, rows, batch_size=5)
             assert report["ppl"][label][name] == pytest.approx(perplexity(*nll[name]), rel=1e-4)
         assert report["objectives"][label] == pytest.approx(objective(nll), rel=1e-5)

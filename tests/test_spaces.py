@@ -21,7 +21,12 @@ def random_params(space: Space, rng: random.Random) -> dict[str, float]:
 
 
 def test_shipped_spaces_exist() -> None:
-    assert sorted(p.stem for p in SPACES_DIR.glob("*.yaml")) == ["box", "box_wide", "simplex"]
+    assert sorted(p.stem for p in SPACES_DIR.glob("*.yaml")) == [
+        "box",
+        "box_wide",
+        "per_block",
+        "simplex",
+    ]
 
 
 def test_load_simplex() -> None:
@@ -64,7 +69,7 @@ def test_unknown_space_lists_known() -> None:
         load_space("triangle", NAMES)
     message = str(info.value)
     assert "'triangle'" in message
-    assert "known spaces: box, box_wide, simplex" in message
+    assert "known spaces: box, box_wide, per_block, simplex" in message
 
 
 def test_space_file_with_bad_yaml(tmp_path: Path) -> None:
@@ -247,7 +252,7 @@ def test_box_to_weights_and_params() -> None:
 
 
 def test_parse_unknown_type() -> None:
-    with pytest.raises(SpaceError, match="'type' is 'cube'; choose simplex or box"):
+    with pytest.raises(SpaceError, match="'type' is 'cube'; choose simplex, box or per_block"):
         parse_space({"type": "cube"}, NAMES, "s.yaml")
     with pytest.raises(SpaceError, match="'type' is None"):
         parse_space({}, NAMES)

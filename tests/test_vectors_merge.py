@@ -568,6 +568,10 @@ def test_merge_to_dir(bases, tmp_path: Path, variant) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["model"]  # no temp dirs left
     assert json.loads((out / "dem_ray_merge.json").read_text()) == {
         "weights": weights,
+        "method": "linear",
+        "density": 1.0,
+        "dare_seed": 0,
+        "groups": None,
         "trial": 7,
     }
     assert json.loads((out / "config.json").read_text()) == json.loads(
@@ -611,7 +615,8 @@ def test_merge_to_dir_replaces_existing(bases, tmp_path: Path) -> None:
     ref = reference(state, vectors, [0.0, 1.0])
     for name, tensor in written.items():
         assert torch.allclose(tensor.double(), ref[name], atol=1e-6, rtol=0), name
-    assert json.loads((out / "dem_ray_merge.json").read_text()) == {"weights": [0.0, 1.0]}
+    record = json.loads((out / "dem_ray_merge.json").read_text())
+    assert record["weights"] == [0.0, 1.0] and record["method"] == "linear"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "vectors"]
 
 

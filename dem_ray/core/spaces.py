@@ -1,7 +1,11 @@
 """Search spaces over the mixing coefficients, read from `search_spaces/*.yaml`.
 
-A space turns a searcher's free parameters into weights (one per dataset), turns
-weights back into parameters (to seed a study), and enumerates its grid.
+A space turns a searcher's free parameters into weights, turns weights back into
+parameters (to seed a study), and enumerates its grid. `simplex` and `box` give one
+weight per dataset; `per_block` gives each dataset one weight per block group
+(embeddings, `groups` contiguous groups of layers, final norm and head), each group
+a simplex or a box over the datasets. Weights are a flat {key: weight}: the dataset
+name, or `dataset@group` for per-block (`keys`, in the order the merge kernel takes).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from dem_ray.core.blocks import group_names, weight_key
+
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
@@ -22,25 +28,86 @@ class SpaceError(ValueError):
 
 @dataclass(frozen=True)
 class Space:
-    kind: str
+    kind: str  # simplex | box | per_block
     names: tuple[str, ...]
-    bounds: tuple[tuple[float, float], ...] = ()
+    bounds: tuple[tuple[float, float], ...] = ()  # per dataset (box, and per_block over box)
     source: str = ""
+    groups: int = 0  # per_block: layer groups (the block groups are groups + 2)
+    per_group: str = ""  # per_block: `simplex` or `box` within each block group
+    two_stage: bool = False  # per_block: a global search first, then per block from its best
+    global_trials: int | None = None  # per_block two-stage: trials of the global stage
+
+    # -- the weights a candidate has ---------------------------------------------------
+    @property
+    def group_labels(self) -> list[str]:
+        return group_names(self.groups) if self.kind == "per_block" else []
+
+    @property
+    def keys(self) -> list[str]:
+        """Weight keys in the merge kernel's order (dataset-major for per-block)."""
+        if self.kind != "per_block":
+            return list(self.names)
+        return [weight_key(n, g) for n in self.names for g in self.group_labels]
+
+    def keys_of(self, name: str) -> list[str]:
+        """The weight keys of one dataset."""
+        if self.kind != "per_block":
+            return [name]
+        return [weight_key(name, g) for g in self.group_labels]
+
+    @property
+    def merge_groups(self) -> int | None:
+        """What the merge kernel takes as `groups`: None for one weight per dataset."""
+        return self.groups if self.kind == "per_block" else None
+
+    def inner(self) -> Space:
+        """The one-weight-per-dataset space each block group is (the global stage's space)."""
+        if self.kind != "per_block":
+            return self
+        return Space(self.per_group, self.names, self.bounds, self.source)
+
+    def expand(self, weights: dict[str, float]) -> dict[str, float]:
+        """Per-dataset weights -> this space's weights (every block group the same)."""
+        if self.kind != "per_block":
+            return {n: float(weights[n]) for n in self.names}
+        return {weight_key(n, g): float(weights[n]) for n in self.names for g in self.group_labels}
+
+    def per_dataset(self, weights: dict[str, float]) -> dict[str, list[float]]:
+        """{dataset: [its weight per block group]} (one-element lists outside per-block)."""
+        if self.kind != "per_block":
+            return {n: [float(weights[n])] for n in self.names}
+        return {
+            n: [float(weights[weight_key(n, g)]) for g in self.group_labels] for n in self.names
+        }
+
+    def _group_weights(self, weights: dict[str, float], group: str) -> dict[str, float]:
+        return {n: weights[weight_key(n, group)] for n in self.names}
 
     # -- parameters a searcher sees ------------------------------------------------
     @property
     def param_names(self) -> list[str]:
+        if self.kind == "per_block":
+            inner = self.inner()
+            return [f"{p}@{g}" for g in self.group_labels for p in inner.param_names]
         if self.kind == "simplex":
             return [f"stick_{name}" for name in self.names[:-1]]
         return [f"w_{name}" for name in self.names]
 
     def param_bounds(self) -> list[tuple[float, float]]:
+        if self.kind == "per_block":
+            return self.inner().param_bounds() * len(self.group_labels)
         if self.kind == "simplex":
             return [(0.0, 1.0)] * (len(self.names) - 1)
         return list(self.bounds)
 
     def to_weights(self, params: dict[str, float]) -> dict[str, float]:
-        """Searcher parameters -> {dataset: weight}."""
+        """Searcher parameters -> {key: weight}."""
+        if self.kind == "per_block":
+            inner, out = self.inner(), {}
+            for g in self.group_labels:
+                part = inner.to_weights({p: params[f"{p}@{g}"] for p in inner.param_names})
+                out.update({weight_key(n, g): w for n, w in part.items()})
+            return {k: out[k] for k in self.keys}
         values = [float(params[p]) for p in self.param_names]
         if self.kind == "box":
             return dict(zip(self.names, values, strict=True))
@@ -54,8 +121,14 @@ class Space:
         return dict(zip(self.names, weights, strict=True))
 
     def to_params(self, weights: dict[str, float]) -> dict[str, float]:
-        """{dataset: weight} -> searcher parameters (the inverse of to_weights)."""
+        """{key: weight} -> searcher parameters (the inverse of to_weights)."""
         self.check(weights)
+        if self.kind == "per_block":
+            inner, params = self.inner(), {}
+            for g in self.group_labels:
+                part = inner.to_params(self._group_weights(weights, g))
+                params.update({f"{p}@{g}": v for p, v in part.items()})
+            return params
         if self.kind == "box":
             return {f"w_{n}": float(weights[n]) for n in self.names}
         params, rest, k = {}, 1.0, len(self.names)
@@ -67,13 +140,22 @@ class Space:
 
     def check(self, weights: dict[str, float], tol: float = 1e-6) -> None:
         """Raise SpaceError when weights are outside the space."""
-        if set(weights) != set(self.names):
+        if set(weights) != set(self.keys):
+            what = "weight keys" if self.kind == "per_block" else "datasets"
             raise SpaceError(
-                f"weights name {sorted(weights)} but the space has datasets {list(self.names)}"
+                f"weights name {sorted(weights)} but the space has {what} {list(self.keys)}"
             )
         for name, w in weights.items():
             if not math.isfinite(w):
                 raise SpaceError(f"weight for '{name}' is {w}")
+        if self.kind == "per_block":
+            inner = self.inner()
+            for g in self.group_labels:
+                try:
+                    inner.check(self._group_weights(weights, g), tol)
+                except SpaceError as exc:
+                    raise SpaceError(f"block group '{g}': {exc}") from None
+            return
         if self.kind == "simplex":
             bad = [n for n, w in weights.items() if w < -tol]
             if bad or abs(sum(weights.values()) - 1.0) > 1e-4:
@@ -88,8 +170,21 @@ class Space:
                         f" in {self.source}"
                     )
 
+    def min_weight(self) -> float:
+        """The lowest weight the space allows (ties merges need it >= 0)."""
+        if self.kind == "simplex" or (self.kind == "per_block" and self.per_group == "simplex"):
+            return 0.0
+        return min(lo for lo, _ in self.bounds)
+
     def grid(self, step: float) -> list[dict[str, float]]:
-        """Every point of the space's grid at `step` (the plain coefficient grid baseline)."""
+        """Every point of the space's grid at `step` (the plain coefficient grid baseline).
+
+        For per-block spaces this is the global grid with every block group the same:
+        the plain grid is the one-weight-per-dataset baseline (a grid per block would
+        have (points per group) ** groups points).
+        """
+        if self.kind == "per_block":
+            return [self.expand(point) for point in self.inner().grid(step)]
         if self.kind == "simplex":
             n = round(1.0 / step)
             if abs(n * step - 1.0) > 1e-5:
@@ -106,6 +201,24 @@ class Space:
             count = int(math.floor((hi - lo) / step + 1e-9)) + 1
             axes.append([round(lo + i * step, 10) for i in range(count)])
         return [dict(zip(self.names, combo, strict=True)) for combo in itertools.product(*axes)]
+
+
+SIGN_ELECTING_METHODS = ("ties", "dare_ties")
+
+
+def check_space_for_method(space: Space, method: str, algorithm: str) -> None:
+    """Refuse a space that the merge method or the algorithm cannot use, before any work."""
+    if method in SIGN_ELECTING_METHODS and space.min_weight() < 0:
+        raise SpaceError(
+            f"{space.source}: search.merge_method '{method}' elects signs from non-negative "
+            f"weights, but the space allows weights down to {space.min_weight()}; use bounds "
+            "with low >= 0 or merge_method linear / dare_linear"
+        )
+    if space.two_stage and algorithm == "grid":
+        raise SpaceError(
+            f"{space.source}: 'two_stage: true' needs a sampler; the plain grid "
+            "(search.algorithm: grid) visits the global grid once"
+        )
 
 
 def resolve_space_file(space: str, config_dir: Path | None = None) -> Path:
@@ -137,14 +250,21 @@ def parse_space(raw: dict, names: list[str], source: str = "<dict>") -> Space:
     if not isinstance(raw, dict):
         raise SpaceError(f"{source}: a space must be a mapping with a 'type' key")
     kind = raw.get("type")
-    known_keys = {"simplex": {"type"}, "box": {"type", "default_bounds", "bounds"}}
+    box_keys = {"type", "default_bounds", "bounds"}
+    known_keys = {
+        "simplex": {"type"},
+        "box": box_keys,
+        "per_block": {*box_keys, "groups", "per_group", "two_stage", "global_trials"},
+    }
     if not isinstance(kind, str) or kind not in known_keys:
-        raise SpaceError(f"{source}: 'type' is {kind!r}; choose simplex or box")
+        raise SpaceError(f"{source}: 'type' is {kind!r}; choose simplex, box or per_block")
     unknown = set(raw) - known_keys[kind]
     if unknown:
         raise SpaceError(f"{source}: unknown key '{sorted(unknown)[0]}' for a {kind} space")
     if kind == "simplex":
         return Space("simplex", tuple(names), source=source)
+    if kind == "per_block":
+        return _parse_per_block(raw, names, source)
     default = _pair(raw.get("default_bounds", [0.0, 1.0]), source, "default_bounds")
     overrides = raw.get("bounds") or {}
     if not isinstance(overrides, dict):
@@ -157,6 +277,35 @@ def parse_space(raw: dict, names: list[str], source: str = "<dict>") -> Space:
             )
     bounds = tuple(_pair(overrides.get(n, default), source, f"bounds.{n}") for n in names)
     return Space("box", tuple(names), bounds, source)
+
+
+def _parse_per_block(raw: dict, names: list[str], source: str) -> Space:
+    groups = raw.get("groups", 4)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise SpaceError(
+            f"{source}: 'groups' must be an integer >= 1 (layer groups), got {groups!r}"
+        )
+    per_group = raw.get("per_group", "box")
+    if per_group not in ("box", "simplex"):
+        raise SpaceError(f"{source}: 'per_group' is {per_group!r}; choose box or simplex")
+    if per_group == "simplex" and ("bounds" in raw or "default_bounds" in raw):
+        raise SpaceError(f"{source}: bounds apply to 'per_group: box' only")
+    two_stage = raw.get("two_stage", False)
+    if not isinstance(two_stage, bool):
+        raise SpaceError(f"{source}: 'two_stage' must be true or false, got {two_stage!r}")
+    global_trials = raw.get("global_trials")
+    if global_trials is not None and (
+        not isinstance(global_trials, int) or isinstance(global_trials, bool) or global_trials < 1
+    ):
+        raise SpaceError(f"{source}: 'global_trials' must be an integer >= 1 or absent")
+    if global_trials is not None and not two_stage:
+        raise SpaceError(f"{source}: 'global_trials' needs 'two_stage: true'")
+    bounds: tuple[tuple[float, float], ...] = ()
+    if per_group == "box":
+        bounds = parse_space({"type": "box", **{k: raw[k] for k in ("default_bounds", "bounds")
+                                                if k in raw}}, names, source).bounds  # fmt: skip
+    return Space("per_block", tuple(names), bounds, source, groups, per_group, two_stage,
+                 global_trials)  # fmt: skip
 
 
 def _pair(value, source: str, key: str) -> tuple[float, float]:

@@ -69,14 +69,41 @@ def split_documents(
     docs: list[str], validation_fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
     """A seeded document-level split, so no document straddles train and validation."""
+    train, (val,) = split_off(docs, {"validation": validation_fraction}, seed)
+    return train, val
+
+
+def split_three(
+    docs: list[str], validation_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[str], list[str], list[str]]:
+    """Train, validation and test, disjoint by document, from one seeded shuffle.
+
+    Validation is the same documents `split_documents` holds out with this seed; test
+    comes next in the shuffled order, so only train gives documents up to it.
+    """
+    train, (val, test) = split_off(
+        docs, {"validation": validation_fraction, "test": test_fraction}, seed
+    )
+    return train, val, test
+
+
+def split_off(
+    docs: list[str], fractions: dict[str, float], seed: int
+) -> tuple[list[str], list[list[str]]]:
+    """The documents left over, and one held-out part per fraction (in the order given),
+    taken one after another from a single seeded shuffle. Each part holds at least one
+    document, rounded up from its fraction; every part keeps the documents' order."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, math.ceil(round(validation_fraction * len(docs), 9)))
-    if n_val >= len(docs):
-        raise DataError(f"only {len(docs)} documents: too few to split off a validation part")
-    val = sorted(order[:n_val])
-    train = sorted(order[n_val:])
-    return [docs[i] for i in train], [docs[i] for i in val]
+    sizes = [max(1, math.ceil(round(f * len(docs), 9))) for f in fractions.values()]
+    if sum(sizes) >= len(docs):
+        parts = " and a ".join(fractions)
+        raise DataError(f"only {len(docs)} documents: too few to split off a {parts} part")
+    held, start = [], 0
+    for size in sizes:
+        held.append([docs[i] for i in sorted(order[start : start + size])])
+        start += size
+    return [docs[i] for i in sorted(order[start:])], held
 
 
 def tokenize_and_pack(docs: Iterable[str], tokenizer, seq_len: int) -> torch.Tensor:

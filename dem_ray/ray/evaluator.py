@@ -61,7 +61,12 @@ class Evaluator:
         trust_remote_code: bool = False,
         device: str | None = None,
         autocast: str = "none",
+        merge_spec: dict | None = None,
+        test_paths: dict[str, str | RunPath] | None = None,
+        sample_seed: int = 0,
     ) -> None:
+        """`merge_spec`: ResidentMerge's method keywords (method, density, dare_seed,
+        groups, names); the vectors are prepared for the method once, here."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
@@ -74,14 +79,15 @@ class Evaluator:
         with explain_out_of_memory(self.device, "loading the base and the vectors"):
             self.model = load_model(fetch(base_dir), self.device, trust_remote_code).eval()
             self.merge = ResidentMerge(
-                self.model, [LazyTensors(fetch(p)) for p in vector_paths], vector_dtype
+                self.model,
+                [LazyTensors(fetch(p)) for p in vector_paths],
+                vector_dtype,
+                **((merge_spec or {}) if vector_paths else {}),
             )
-        self.shards: dict[str, torch.Tensor] = {}
-        for name, path in shard_paths.items():
-            rows = load_file(fetch(path))["input_ids"]
-            if max_sequences is not None:
-                rows = rows[:max_sequences]
-            self.shards[name] = rows.to(self.device, dtype=torch.long)
+        # Validation (what the search sees) and test (only the report's): capped to the
+        # same seeded sample of `max_sequences` rows per shard.
+        self.shards = self._load_shards(shard_paths, max_sequences, sample_seed)
+        self.test_shards = self._load_shards(test_paths or {}, max_sequences, sample_seed)
         self.batch_size = batch_size
         # Autocast runs the forward in lower precision; the loss is still summed in float64.
         self.autocast = None if autocast == "none" else getattr(torch, autocast)
@@ -92,8 +98,11 @@ class Evaluator:
         self.merges = 0
         self._merged: tuple[float, ...] | None = None
 
-    def evaluate(self, weights: list[float], part: int = 0, parts: int = 1) -> dict:
-        """Merge `weights` in place (unless they are live already) and score validation.
+    def evaluate(
+        self, weights: list[float], part: int = 0, parts: int = 1, split: str = "validation"
+    ) -> dict:
+        """Merge `weights` in place (unless they are live already) and score `split`
+        (`validation`, what the search uses, or `test`).
 
         With `parts` > 1 only rows `part::parts` of each shard are scored: one slice of
         a multi-fidelity trial. Every slice holds rows of every dataset, so the running
@@ -101,6 +110,7 @@ class Evaluator:
         """
         if not 0 <= part < parts:
             raise ValueError(f"slice {part} of {parts} does not exist")
+        shards = self._split(split)
         start = self._clock()
         key = tuple(float(w) for w in weights)
         with explain_out_of_memory(self.device, "scoring a candidate"):
@@ -109,10 +119,12 @@ class Evaluator:
                 self.merge.apply(weights)
                 self._merged = key
                 self.merges += 1
-            return self._score(start, part, parts)
+            return self._score(start, part, parts, shards)
 
-    def evaluate_checkpoint(self, model_dir: str | RunPath) -> dict:
-        """Score another checkpoint of the same architecture (a specialist, the merged model)."""
+    def evaluate_checkpoint(self, model_dir: str | RunPath, split: str = "validation") -> dict:
+        """Score another checkpoint of the same architecture (a specialist, the merged
+        model) on `split`."""
+        shards = self._split(split)
         start = self._clock()
         model_dir = fetch(model_dir)
         check_model_dir(model_dir, role="checkpoint")  # safetensors only, never pickles
@@ -123,7 +135,7 @@ class Evaluator:
         self._merged = None
         with explain_out_of_memory(self.device, f"scoring {model_dir}"):
             self.merge.load_state(state)
-            return self._score(start)
+            return self._score(start, shards=shards)
 
     def info(self) -> dict:
         return {
@@ -137,12 +149,38 @@ class Evaluator:
             "merges": self.merges,
             "rss_bytes": _rss_bytes(),
             "validation_tokens": {n: int(r[:, 1:].numel()) for n, r in self.shards.items()},
+            "test_tokens": {n: int(r[:, 1:].numel()) for n, r in self.test_shards.items()},
         }
 
-    def _score(self, start: tuple[float, float], part: int = 0, parts: int = 1) -> dict:
+    def _load_shards(
+        self, paths: dict[str, str | RunPath], max_sequences: int | None, seed: int
+    ) -> dict[str, torch.Tensor]:
+        shards = {}
+        for name, path in paths.items():
+            rows = sample_rows(load_file(fetch(path))["input_ids"], max_sequences, seed)
+            shards[name] = rows.to(self.device, dtype=torch.long)
+        return shards
+
+    def _split(self, split: str) -> dict[str, torch.Tensor]:
+        if split == "validation":
+            return self.shards
+        if split == "test":
+            if not self.test_shards:
+                raise ValueError("this evaluator holds no test shards (give test_paths)")
+            return self.test_shards
+        raise ValueError(f"no split '{split}' to score; use 'validation' or 'test'")
+
+    def _score(
+        self,
+        start: tuple[float, float],
+        part: int = 0,
+        parts: int = 1,
+        shards: dict[str, torch.Tensor] | None = None,
+    ) -> dict:
+        shards = self.shards if shards is None else shards
         nll = {
             name: token_nll(self.model, rows[part::parts], self.batch_size, self.autocast)
-            for name, rows in self.shards.items()
+            for name, rows in shards.items()
         }
         spent = self._spent(start)
         tokens = sum(n for _, n in nll.values())
@@ -163,6 +201,17 @@ class Evaluator:
             torch.cuda.synchronize()
             return (time.perf_counter() - start[0]) * self.num_gpus
         return time.process_time() - start[1]
+
+
+def sample_rows(rows: torch.Tensor, max_sequences: int | None, seed: int) -> torch.Tensor:
+    """At most `max_sequences` rows: a seeded random sample (the same for a shard with the
+    same seed, whichever shards load beside it), kept in the shard's order. Not the first
+    rows: packed shards keep the file's order, so those would be its first documents."""
+    if max_sequences is None or rows.shape[0] <= max_sequences:
+        return rows
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(rows.shape[0], generator=generator)[:max_sequences]
+    return rows[keep.sort().values]
 
 
 def _gpus_held() -> float:

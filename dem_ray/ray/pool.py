@@ -31,12 +31,20 @@ class PoolSpec:
     shard_paths: dict
     trust_remote_code: bool
     vector_hashes: list[str] = field(default_factory=list)
+    # ResidentMerge's method keywords (method, density, dare_seed, groups, names): the
+    # vectors are prepared for the method when an actor loads them.
+    merge_spec: dict = field(default_factory=dict)
+    test_paths: dict = field(default_factory=dict)  # the test shards (scored by the report)
+    sample_seed: int = 0  # which rows a capped shard keeps (`finetune.seed`)
 
     def key(self, ev: EvaluatorConfig) -> str:
         return hash_json(
             {
                 "vectors": self.vector_hashes,
+                "merge": self.merge_spec,
                 "shards": sorted(map(str, self.shard_paths.values())),
+                "test": sorted(map(str, self.test_paths.values())),
+                "sample_seed": self.sample_seed,
                 "evaluator": ev.model_dump(),
             }
         )
@@ -72,6 +80,9 @@ class EvaluatorPool:
             "torch_threads": ev.torch_threads,
             "autocast": ev.autocast,
             "trust_remote_code": spec.trust_remote_code,
+            "merge_spec": spec.merge_spec,
+            "test_paths": spec.test_paths,
+            "sample_seed": spec.sample_seed,
         }
         log.info("starting %d evaluator actor(s)", ev.num_actors)
         start = time.perf_counter()

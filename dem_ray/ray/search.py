@@ -115,17 +115,26 @@ def _candidate_weights(config: dict, space: Space) -> dict[str, float]:
 
 
 def run_trial(
-    config: dict, evaluators: list, space: Space, objective_kind: str, slices: int = 1
+    config: dict,
+    evaluators: list,
+    space: Space,
+    objective_kind: str,
+    slices: int = 1,
+    evaluate_in: Space | None = None,
 ) -> None:
     """One candidate: weights -> an evaluator actor -> objective, reported to Tune.
 
     With `slices` > 1 the validation shards are scored one slice at a time and the
     running objective is reported after each, so a scheduler (ASHA) can stop a
-    hopeless candidate after a fraction of the validation tokens.
+    hopeless candidate after a fraction of the validation tokens. `evaluate_in`: the
+    space the evaluators merge in, when it is not `space` (a per-block pool scoring
+    the global stage's candidates, every block group the same).
     """
     weights = _candidate_weights(config, space)
     actor = evaluators[_trial_index(tune.get_context().get_trial_id()) % len(evaluators)]
-    vector = [weights[n] for n in space.names]
+    target = evaluate_in or space
+    merged = target.expand(weights) if evaluate_in is not None else weights
+    vector = [merged[k] for k in target.keys]
     sums: dict[str, list[float]] = {}
     seconds = 0.0
     tokens = 0
@@ -167,7 +176,7 @@ class UniqueCandidates(Searcher):
     def __init__(self, searcher: Searcher, space: Space, finished: Iterable[dict] = ()) -> None:
         self.searcher = searcher
         self.space = space
-        self.known = Candidates(space.names, (t["weights"] for t in finished))
+        self.known = Candidates(space.keys, (t["weights"] for t in finished))
         self.inner_ids: dict[str, str] = {}  # Tune's trial id -> the id the inner one drew
         self.refused = 0
         super().__init__(metric=searcher.metric, mode=searcher.mode)
@@ -252,24 +261,27 @@ def make_searcher(
     space: Space,
     finished: list[dict],
     warm_start: list[dict[str, float]] | None = None,
+    known: list[dict] = (),
 ) -> UniqueCandidates:
     """The Optuna searcher of a search with `finished` trials kept, inside the guard.
 
     The sampler learns the finished trials and is seeded with `resumed_seed`;
     `warm_start` points are evaluated first, on a search with nothing finished yet.
+    `known`: trials evaluated elsewhere (a two-stage search's global stage, as this
+    space's weights): the sampler learns them and the guard never evaluates them again.
     """
     from ray.tune.search.optuna import OptunaSearch
 
     warm_points = {}
-    if warm_start and not finished:
+    if warm_start and not finished and not known:
         points = [space.to_params(w) for w in warm_start][: cfg.num_trials]
         log.info("search: the first %d trials re-score earlier candidates", len(points))
         warm_points = {"points_to_evaluate": points}
     inner = OptunaSearch(
         sampler=make_sampler(cfg.algorithm, resumed_seed(cfg.seed, len(finished))),
-        **(resume_hints(finished, space) or warm_points),
+        **(resume_hints([*known, *finished], space) or warm_points),
     )
-    return UniqueCandidates(inner, space, finished)
+    return UniqueCandidates(inner, space, [*known, *finished])
 
 
 class TrialRecorder(tune.Callback):
@@ -329,6 +341,8 @@ def run_search(
     warm_start: list[dict[str, float]] | None = None,
     ray_storage: tuple[str, object] | None = None,
     after_write: Callable[[], None] | None = None,
+    evaluate_in: Space | None = None,
+    known: list[dict] = (),
 ) -> list[dict]:
     """Run the search; return the finished trials in order (also in out_dir/trials_name).
 
@@ -341,6 +355,9 @@ def run_search(
     resuming (the resumed trials already began with them).
     `ray_storage`: Tune's `storage_path` and `storage_filesystem`, instead of `storage_dir`;
     `after_write`: called after each trial is appended to the trials file.
+    `evaluate_in`: the space the evaluators merge in, when it is not `space` (`run_trial`).
+    `known`: trials evaluated elsewhere that the sampler learns and never repeats
+    (`make_searcher`); they are not written to this search's trial log.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
@@ -375,7 +392,7 @@ def run_search(
             p: tune.uniform(lo, hi)
             for p, (lo, hi) in zip(space.param_names, space.param_bounds(), strict=True)
         }
-        searcher = make_searcher(cfg, space, finished, warm_start)
+        searcher = make_searcher(cfg, space, finished, warm_start, known)
         tune_config = dict(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
             num_samples=to_run,
@@ -401,6 +418,7 @@ def run_search(
         space=space,
         objective_kind=cfg.objective,
         slices=slices,
+        evaluate_in=evaluate_in,
     )
     trainable = tune.with_resources(trainable, {"cpu": 0.01})
     recorder = TrialRecorder(trials_path, total, finished, after_write)

@@ -1,5 +1,9 @@
-"""The run report: every model on every validation shard, the searches, and what each
-side cost (DEM against the data-mixing grid when the run has a baseline)."""
+"""The run report: every model on every validation and test shard, the searches, and what
+each side cost (DEM against the data-mixing grid when the run has a baseline).
+
+The search, the warm start and the choice of the best mixture all look at validation, so
+validation favours what they picked; the verdict DEM against the best mixture is made on
+test, which no choice saw. Both are in the tables."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 from dem_ray.config import BaselineConfig
 from dem_ray.core import cost as costs
+from dem_ray.core.diagnostics import mean_offdiagonal
 from dem_ray.core.mixtures import grid_step_for_comparison, mixtures
 from dem_ray.core.perplexity import objective, perplexity
 from dem_ray.core.vectors import tensor_index
@@ -30,16 +35,27 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
-def build_report(ctx, scores: dict[str, dict[str, tuple[float, int]]], cost: dict) -> dict:
-    """`scores`: {model label: {dataset: (nll sum, tokens)}} as measured for this report;
-    `ctx`: the run's `RunContext` (manifest, layout, config)."""
+def build_report(
+    ctx,
+    scores: dict[str, dict[str, tuple[float, int]]],
+    cost: dict,
+    test_scores: dict[str, dict[str, tuple[float, int]]],
+    diagnostics: dict | None = None,
+) -> dict:
+    """`scores`, `test_scores`: {model label: {dataset: (nll sum, tokens)}} on validation
+    and on test as measured for this report; `ctx`: the run's `RunContext` (manifest,
+    layout, config); `diagnostics`: `core.diagnostics.vector_diagnostics` of the vectors."""
     manifest, names, cfg = ctx.manifest, ctx.names, ctx.cfg
     kind = cfg.search.objective
     best = json.loads(ctx.layout.best.read_text())
     merged = manifest.entry("merge")["weights"]  # what `dem` is: maybe `merge --weights`
-    merged_weights = {n: merged[n] for n in names}  # in the config's order
+    merged_weights = {k: merged[k] for k in ctx.space.keys}  # in the kernel's order
     ppl = {label: {n: perplexity(*nll[n]) for n in names} for label, nll in scores.items()}
     objectives = {label: objective(nll, kind) for label, nll in scores.items()}
+    test_ppl = {
+        label: {n: perplexity(*nll[n]) for n in names} for label, nll in test_scores.items()
+    }
+    test_objectives = {label: objective(nll, kind) for label, nll in test_scores.items()}
     params = count_parameters(ctx.base_dir)
     prices = (cfg.cost.usd_per_gpu_hour, cfg.cost.usd_per_cpu_hour)
 
@@ -65,14 +81,24 @@ def build_report(ctx, scores: dict[str, dict[str, tuple[float, int]]], cost: dic
         "objective": {
             "name": kind,
             "value": objectives["dem"],
+            "test_value": test_objectives["dem"],
             "search_value": best["objective"]["value"],
         },
         "num_trials": best["num_trials"],
         "algorithm": best["algorithm"],
         "space": best["space"],
+        "merge_method": {
+            "method": cfg.search.merge_method,
+            "density": cfg.search.density,
+            "dare_seed": cfg.search.dare_seed,
+        },  # fmt: skip
+        "weights_sum": weights_sum(ctx.space, merged_weights),
         "ppl": ppl,
         "objectives": objectives,
         "validation_tokens": {n: scores["base"][n][1] for n in names},
+        "test_ppl": test_ppl,
+        "test_objectives": test_objectives,
+        "test_tokens": {n: test_scores["base"][n][1] for n in names},
         "cost": {**stage_cost, "dem": dem_cost},
         "prices": {"usd_per_gpu_hour": prices[0], "usd_per_cpu_hour": prices[1]},
         "artifacts": {
@@ -81,6 +107,12 @@ def build_report(ctx, scores: dict[str, dict[str, tuple[float, int]]], cost: dic
             "finetuned": {n: ctx.show(ctx.layout.finetune(n)) for n in names},
         },
     }
+    if diagnostics is not None:
+        pairs = len(names) > 1
+        report["diagnostics"] = {
+            **diagnostics,
+            "mean_cosine": mean_offdiagonal(diagnostics["cosine"]) if pairs else None,
+        }
     if cfg.baseline is not None:
         _add_baseline(report, ctx, price)
     if cfg.search.compare_grid:
@@ -91,6 +123,14 @@ def build_report(ctx, scores: dict[str, dict[str, tuple[float, int]]], cost: dic
     return report
 
 
+def weights_sum(space, weights: dict[str, float]) -> dict[str, float]:
+    """The merged weights' sum: how far from the base the composite steps (1 on the
+    simplex; up to k in a box), per block group for per-block weights."""
+    per = space.per_dataset(weights)
+    labels = space.group_labels or ["all"]
+    return {g: sum(ws[j] for ws in per.values()) for j, g in enumerate(labels)}
+
+
 def _add_baseline(report: dict, ctx, price) -> None:
     from dem_ray.core.mixtures import steps_per_mixture
 
@@ -99,11 +139,21 @@ def _add_baseline(report: dict, ctx, price) -> None:
     entries = {mid: manifest.entry(f"baseline/{mid}") for mid in summary["mixtures"]}
     mixtures = []
     for mid, entry in entries.items():
+        if "test_nll" not in entry:  # scored before the test split existed
+            from dem_ray.stages.base import StageError
+
+            raise StageError(
+                f"mixture {mid} was scored without a test split; run `dem-ray baseline "
+                f"{cfg.source} --force` (or `dem-ray run {cfg.source}`) to score it again"
+            )
+        test_nll = {n: tuple(v) for n, v in entry["test_nll"].items()}
         mixtures.append({
             "id": mid,
             "weights": entry["weights"],
             "ppl": entry["ppl"],
             "objective": summary["objectives"][mid],
+            "test_ppl": entry["test_ppl"],
+            "test_objective": objective(test_nll, cfg.search.objective),
             "cost": price(entry["cost"]),
         })  # fmt: skip
     best = next(m for m in mixtures if m["id"] == summary["best"])
@@ -117,7 +167,8 @@ def _add_baseline(report: dict, ctx, price) -> None:
         "best": {
             "id": best["id"],
             "weights": best["weights"],
-            "objective": best["objective"],
+            "objective": best["objective"],  # validation: what it was chosen on
+            "test_objective": best["test_objective"],
             "model": ctx.show(ctx.layout.best_mixture),
         },  # fmt: skip
         "steps_per_mixture": steps_per_mixture(cfg.baseline, cfg.finetune, len(ctx.names)),
@@ -125,8 +176,12 @@ def _add_baseline(report: dict, ctx, price) -> None:
     for m in mixtures:
         report["ppl"][f"mixture/{m['id']}"] = m["ppl"]
         report["objectives"][f"mixture/{m['id']}"] = m["objective"]
+        report["test_ppl"][f"mixture/{m['id']}"] = m["test_ppl"]
+        report["test_objectives"][f"mixture/{m['id']}"] = m["test_objective"]
     report["ppl"]["baseline/best"] = best["ppl"]
     report["objectives"]["baseline/best"] = best["objective"]
+    report["test_ppl"]["baseline/best"] = best["test_ppl"]
+    report["test_objectives"]["baseline/best"] = best["test_objective"]
     report["cost"]["baseline"] = baseline_cost
     report["cost"]["reduction"] = costs.reduction(report["cost"]["dem"], baseline_cost)
 
@@ -222,12 +277,13 @@ def _add_search_comparison(report: dict, ctx) -> None:
 
 
 def summary_sentence(report: dict) -> str:
+    """The verdict, on the test split: validation chose the weights and the best mixture."""
     name = report["objective"]["name"]
-    dem = report["objectives"]["dem"]
-    base = report["objectives"]["base"]
+    dem = report["test_objectives"]["dem"]
+    base = report["test_objectives"]["base"]
     text = (
-        f"DEM reached {name} log-perplexity {dem:.4f} (perplexity {math.exp(dem):.2f}; "
-        f"base {base:.4f}, perplexity {math.exp(base):.2f})"
+        f"On the test split, DEM reached {name} log-perplexity {dem:.4f} (perplexity "
+        f"{math.exp(dem):.2f}; base {base:.4f}, perplexity {math.exp(base):.2f})"
     )
     if "baseline" in report:
         c, b = report["cost"], report["baseline"]["best"]
@@ -236,9 +292,9 @@ def summary_sentence(report: dict) -> str:
             f" at {share:.0%} of the data-mixing baseline's cost "
             f"({c['dem']['device_seconds']:.0f} vs {c['baseline']['device_seconds']:.0f} "
             f"device-seconds, ${c['dem']['usd']:.4f} vs ${c['baseline']['usd']:.4f}); "
-            f"the best of {len(report['baseline']['mixtures'])} mixtures reached "
-            f"{b['objective']:.4f}, so DEM is "
-            f"{'better' if dem < b['objective'] else 'worse'} by "
-            f"{abs(b['objective'] - dem):.4f}"
+            f"the best of {len(report['baseline']['mixtures'])} mixtures (chosen on "
+            f"validation) reached {b['test_objective']:.4f} on the test split, so DEM is "
+            f"{'better' if dem < b['test_objective'] else 'worse'} by "
+            f"{abs(b['test_objective'] - dem):.4f} on the test split"
         )
     return text + "."

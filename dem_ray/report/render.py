@@ -12,18 +12,37 @@ from dem_ray.core import cost as costs
 from dem_ray.core.atomic import write_text_atomic
 from dem_ray.ray.search import full_objective, read_trials
 from dem_ray.report.build import DEM_STAGES, update_lines
+from dem_ray.report.diagnostics import (
+    cosine_rows,
+    diagnostics_markdown,
+    norm_rows,
+    pair_rows,
+    plot_similarity,
+    summary_sentence,
+)
 
 
 # ---- rendering ---------------------------------------------------------------------------
-def ppl_table(report: dict) -> list[list[str]]:
-    """Rows of model, per-dataset perplexity and objective, as printed and in the reports."""
+def ppl_table(report: dict, split: str = "validation") -> list[list[str]]:
+    """Rows of model, per-dataset perplexity and objective on `split` (`validation` or
+    `test`), as printed and in the reports."""
+    ppl, objectives = (
+        (report["ppl"], report["objectives"])
+        if split == "validation"
+        else (report["test_ppl"], report["test_objectives"])
+    )
     names = report["datasets"]
     rows = [["model", *names, f"{report['objective']['name']} log-ppl"]]
-    for label, values in report["ppl"].items():
-        rows.append(
-            [label, *(f"{values[n]:.3f}" for n in names), f"{report['objectives'][label]:.4f}"]
-        )
+    for label, values in ppl.items():
+        rows.append([label, *(f"{values[n]:.3f}" for n in names), f"{objectives[label]:.4f}"])
     return rows
+
+
+SPLITS_NOTE = (
+    "The search, its warm start and the choice of the best mixture looked at validation "
+    "only, so validation flatters what they chose; the verdict above is made on the test "
+    "split, which no choice saw."
+)
 
 
 def cost_table(report: dict) -> list[list[str]]:
@@ -87,6 +106,15 @@ def _weights_text(report: dict) -> str:
     return text
 
 
+def weights_lines(report: dict) -> list[str]:
+    """The merged weights' sum (per block group for per-block weights) and the method."""
+    m = report["merge_method"]
+    sums = ", ".join(f"{g} {v:.3f}" for g, v in report["weights_sum"].items())
+    how = m["method"] + (f" (density {m['density']:g})" if m["method"] != "linear" else "")
+    return [f"Merge method: {how}. Sum of the merged weights: {sums} (1 on the simplex; a "
+            "larger sum steps further from the base than any one fine-tune)."]  # fmt: skip
+
+
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
     parts = [
         "# dem-ray report",
@@ -103,6 +131,12 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         "",
         markdown_table(ppl_table(report)),
         "",
+        "## Test perplexity",
+        "",
+        markdown_table(ppl_table(report, "test")),
+        "",
+        SPLITS_NOTE,
+        "",
         "## Cost",
         "",
         markdown_table(cost_table(report)),
@@ -113,6 +147,9 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         "vectors, search and merge; the report's own scoring is listed apart.",
         "",
     ]
+    if "diagnostics" in report:
+        parts += ["## Distribution vectors", "", *weights_lines(report), "",
+                  *diagnostics_markdown(report["diagnostics"]), ""]  # fmt: skip
     lines = comparison_lines(report)
     if lines:
         parts += ["## Search against the coefficient grid", "", *lines, ""]
@@ -132,6 +169,17 @@ def render_html(report: dict, plots: dict[str, Path]) -> str:
     )
     comparison = "".join(f"<p>{html.escape(x)}</p>" for x in comparison_lines(report))
     update = "".join(f"<p>{html.escape(x)}</p>" for x in update_lines(report))
+    vectors = ""
+    if "diagnostics" in report:
+        diag = report["diagnostics"]
+        vectors = (
+            "<h2>Distribution vectors</h2>"
+            + "".join(f"<p>{html.escape(x)}</p>" for x in weights_lines(report))
+            + "<h3>Norms</h3>" + html_table(norm_rows(diag))
+            + "<h3>Pairwise cosine similarity</h3>" + html_table(cosine_rows(diag))
+            + "<h3>Cosine similarity per block group</h3>" + html_table(pair_rows(diag))
+            + f"<p>{html.escape(summary_sentence(diag))}</p>"
+        )  # fmt: skip
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dem-ray report</title>
 <style>
@@ -148,7 +196,10 @@ img {{ max-width: 100%; }}
 ({report["parameters"]:,} parameters). Merged weights ({html.escape(report["algorithm"])},
 {report["num_trials"]} trials): {html.escape(_weights_text(report))}.</p>
 <h2>Validation perplexity</h2>{html_table(ppl_table(report))}
+<h2>Test perplexity</h2>{html_table(ppl_table(report, "test"))}
+<p>{html.escape(SPLITS_NOTE)}</p>
 <h2>Cost</h2>{html_table(cost_table(report))}
+{vectors}
 {"<h2>Search against the coefficient grid</h2>" + comparison if comparison else ""}
 {"<h2>Cost of the last update</h2>" + update if update else ""}
 {images}
@@ -234,7 +285,14 @@ def write_report(report: dict, search_dir: Path, out_dir: Path) -> list[Path]:
     if "baseline" in report:
         plots["Cost"] = out_dir / "cost.png"
         plot_cost(report, plots["Cost"])
-    for stale in ("search_compare.png", "cost.png"):  # an earlier report's, not this one's
+    if report.get("diagnostics") and len(report["datasets"]) > 1:
+        plots["Vector similarity"] = out_dir / "similarity.png"
+        plot_similarity(report["diagnostics"], plots["Vector similarity"])
+    for stale in (
+        "search_compare.png",
+        "cost.png",
+        "similarity.png",
+    ):  # an earlier report's, not this one's
         if out_dir / stale not in plots.values():
             (out_dir / stale).unlink(missing_ok=True)
     json_path, md_path, html_path = (out_dir / f"report.{x}" for x in ("json", "md", "html"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+SPLITS = ("train", "validation", "test")  # the shards prepare writes per dataset
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -26,6 +28,9 @@ class RunLayout:
         return self.root / "base"
 
     def shard(self, name: str, split: str) -> Path:
+        """A dataset's packed token rows of one split (`train`, `validation` or `test`)."""
+        if split not in SPLITS:
+            raise ValueError(f"no split '{split}'; the splits are {', '.join(SPLITS)}")
         return self.root / "data" / f"{name}.{split}.safetensors"
 
     # ---- DEM ------------------------------------------------------------------------

@@ -180,11 +180,12 @@ class TrialLog:
 def warm_start_points(
     earlier: list[dict], space: Space, limit: int
 ) -> tuple[list[dict[str, float]], list[str]]:
-    """The best `limit` fully scored earlier candidates, as weights over `space`'s datasets.
+    """The best `limit` fully scored earlier candidates, as weights over `space`'s keys.
 
     Datasets new since then get weight 0, so each point is the earlier composite
     itself, re-scored on today's validation shards. Returns (points, new datasets);
-    no points when a dataset was removed or a point falls outside the space.
+    no points when a dataset was removed, the space's kind of weights changed (one per
+    dataset against per block) or a point falls outside the space.
     """
     scored = sorted(
         (t for t in earlier if math.isfinite(full_objective(t))), key=lambda t: t["objective"]
@@ -192,18 +193,18 @@ def warm_start_points(
     if not scored or limit <= 0:
         return [], []
     before = set(scored[0]["weights"])
-    if not before <= set(space.names):
+    if not before <= set(space.keys):
         return [], []
     points = []
     for trial in scored[:limit]:
-        weights = {n: float(trial["weights"].get(n, 0.0)) for n in space.names}
+        weights = {k: float(trial["weights"].get(k, 0.0)) for k in space.keys}
         try:
             space.check(weights)
         except ValueError:
             continue
         if weights not in points:
             points.append(weights)
-    return points, [n for n in space.names if n not in before]
+    return points, [n for n in space.names if not before & set(space.keys_of(n))]
 
 
 def full_objective(trial: dict) -> float:

@@ -147,10 +147,11 @@ class RunContext:
         return self.manifest.entry("base")["fingerprint"]
 
     def evaluation_inputs(self) -> dict:
-        """What a validation score depends on besides the weights scored."""
+        """What a validation (or test) score depends on besides the weights scored."""
         return {
             "validation": [self.manifest.entry(f"data/{n}")["outputs"] for n in self.names],
             "max_validation_sequences": self.cfg.evaluator.max_validation_sequences,
+            "sample_seed": self.cfg.finetune.seed,  # which rows a capped shard keeps
             "autocast": self.cfg.evaluator.autocast,
         }
 

@@ -34,15 +34,15 @@ def planned_mixtures(ctx: RunContext) -> dict[str, dict[str, float]]:
 class MixturesStage(Stage):
     name = "baseline"
     command = "baseline"
-    outputs = "a `baseline/<mixture id>` record per mixture (nll per dataset)"
+    outputs = "a `baseline/<mixture id>` record per mixture (validation and test nll per dataset)"
     invalidated_by = {
         "mixture": "the mixture's ratios (`baseline.grid_step` or `baseline.mixtures`)",
         "steps": "`baseline.steps` (default: `finetune.max_steps` x datasets)",
         "finetune": "every `finetune.*` key that changes the result",
         "base": "the prepared base",
         "train": "the datasets' train shards",
-        "scoring": "the validation shards, `evaluator.max_validation_sequences`, "
-        "`evaluator.autocast`",
+        "scoring": "the validation and test shards, `evaluator.max_validation_sequences`, "
+        "`evaluator.autocast`, `finetune.seed` (the rows sampled)",
     }
 
     def steps(self, ctx: RunContext) -> list[Step]:
@@ -135,15 +135,19 @@ def _score_mixture(ctx: RunContext, actor, step: Step, trained: dict) -> None:
     model_dir = ctx.layout.mixture(mid)
     start = time.perf_counter()
     ctx.storage.push([model_dir])  # evaluators on other nodes read it there
+    # Validation chooses the best mixture; test is only reported (the verdict on DEM).
     result = ray.get(actor.evaluate_checkpoint.remote(ctx.ref(model_dir)))
+    test = ray.get(actor.evaluate_checkpoint.remote(ctx.ref(model_dir), split="test"))
     eval_wall = time.perf_counter() - start
     nll = {n: [float(v[0]), int(v[1])] for n, v in result["nll"].items()}
+    test_nll = {n: [float(v[0]), int(v[1])] for n, v in test["nll"].items()}
     write_text_atomic(model_dir / "dem_ray_mixture.json",
-                      json.dumps({"id": mid, "weights": mix, "nll": nll}, indent=2))  # fmt: skip
+                      json.dumps({"id": mid, "weights": mix, "nll": nll, "test_nll": test_nll},
+                                 indent=2))  # fmt: skip
     score = objective({n: tuple(v) for n, v in nll.items()}, ctx.cfg.search.objective)
     log.info("baseline: mixture %s objective %.4f", mid, score)
     startup = ctx.pool.take_startup_cost()["startup_device_seconds"]
-    eval_seconds = result["device_seconds"] + startup
+    eval_seconds = result["device_seconds"] + test["device_seconds"] + startup
     ctx.record(
         step,
         [],
@@ -152,7 +156,7 @@ def _score_mixture(ctx: RunContext, actor, step: Step, trained: dict) -> None:
             "train_device_seconds": trained["device_seconds"],
             "eval_device_seconds": eval_seconds,
             "tokens_trained": trained["tokens"],
-            "tokens_evaluated": result["tokens"],
+            "tokens_evaluated": result["tokens"] + test["tokens"],
             "wall_seconds": trained["wall_seconds"] + eval_wall,
             "train_wall_seconds": trained["wall_seconds"],
             "eval_wall_seconds": eval_wall,
@@ -163,6 +167,8 @@ def _score_mixture(ctx: RunContext, actor, step: Step, trained: dict) -> None:
             "weights": mix,
             "nll": nll,
             "ppl": {n: perplexity(*v) for n, v in nll.items()},
+            "test_nll": test_nll,
+            "test_ppl": {n: perplexity(*v) for n, v in test_nll.items()},
             "tokens_by_dataset": trained["tokens_by_dataset"],
         },  # fmt: skip
     )

@@ -1,4 +1,5 @@
-"""merge: theta_0 + sum_i w_i v_i for the search's best weights (or `--weights`)."""
+"""merge: theta_0 + sum_i w_i v_i (or the configured merge method) for the search's best
+weights (or `--weights`), with the same arithmetic the evaluators scored."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from dem_ray.core.merge import merge_to_dir
 from dem_ray.models.base import TOKENIZER_FILES
 from dem_ray.stages.base import RunContext, Stage, StageError, Step, Timer
+from dem_ray.stages.search import merge_spec
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +20,7 @@ class MergeStage(Stage):
     outputs = "`merged/` (an HF model directory)"
     invalidated_by = {
         "weights": "the weights merged: the search's best, or `dem-ray merge --weights`",
+        "method": "`search.merge_method`, `density`, `dare_seed` and the space's block groups",
         "vectors": "the vectors",
         "base": "the prepared base",
     }
@@ -29,6 +32,7 @@ class MergeStage(Stage):
         ctx.space.check(weights)
         inputs = {
             "weights": weights,
+            "method": merge_spec(ctx),
             "vectors": list(ctx.vector_hashes().values()),
             "base": ctx.base_fingerprint(),
         }
@@ -44,10 +48,11 @@ class MergeStage(Stage):
         merge_to_dir(
             base,
             [ctx.layout.vector(n) for n in ctx.names],
-            [weights[n] for n in ctx.names],
+            [weights[k] for k in ctx.space.keys],
             out,
             side_files=[base / name for name in TOKENIZER_FILES],
-            metadata={"datasets": ctx.names},
+            metadata={"datasets": ctx.names, "weight_keys": ctx.space.keys},
+            **merge_spec(ctx),
         )
         log.info("merged model -> %s", ctx.show(out))
         ctx.record(step, [out], cost={"wall_seconds": timer.wall, "device_seconds": timer.cpu},

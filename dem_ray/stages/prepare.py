@@ -55,12 +55,12 @@ class BaseStage(Stage):
 class DataStage(Stage):
     name = "data"
     command = "prepare"
-    outputs = "`data/<name>.{train,validation}.safetensors`"
+    outputs = "`data/<name>.{train,validation,test}.safetensors`"
     invalidated_by = {
         "dataset": "the dataset's keys under `datasets.<name>`",
-        "files": "the content (sha256) of its `path` and `validation_path`",
+        "files": "the content (sha256) of its `path`, `validation_path` and `test_path`",
         "seq_len": "`finetune.seq_len`",
-        "seed": "`finetune.seed` (the validation split)",
+        "seed": "`finetune.seed` (the validation and test splits)",
         "base": "the prepared base (its tokenizer)",
     }
 
@@ -70,6 +70,8 @@ class DataStage(Stage):
             files = [ctx.data_path(ds.path)]
             if ds.validation_path:
                 files.append(ctx.data_path(ds.validation_path))
+            if ds.test_path:
+                files.append(ctx.data_path(ds.test_path))
             inputs = {
                 "dataset": ds.model_dump(),
                 "files": [ctx.file_digest(f) for f in files],
@@ -90,50 +92,78 @@ class DataStage(Stage):
 def prepare_dataset(ctx: RunContext, step: Step, name: str, tokenizer) -> None:
     ds = ctx.cfg.datasets[name]
     seq_len = ctx.cfg.finetune.seq_len
-    docs = readers.read_documents(ctx.data_path(ds.path), ds.text_field, name)
-    if ds.validation_path:
-        train_docs = docs
-        val_docs = readers.read_documents(ctx.data_path(ds.validation_path), ds.text_field, name)
-    else:
-        try:
-            train_docs, val_docs = readers.split_documents(
-                docs, ds.validation_fraction, ctx.cfg.finetune.seed
-            )
-        except readers.DataError as exc:
-            raise readers.DataError(f"dataset '{name}': {ds.path}: {exc}") from exc
+    train_docs, val_docs, test_docs = split_dataset(ctx, name)
     if ds.max_train_documents is not None:
         train_docs = train_docs[: ds.max_train_documents]
     train = readers.tokenize_and_pack(train_docs, tokenizer, seq_len)
     val = readers.tokenize_and_pack(val_docs, tokenizer, seq_len)
-    where = ds.validation_path or ds.path
-    if val.shape[0] == 0:
-        raise readers.DataError(
-            f"dataset '{name}': the validation split of {where} has fewer than "
-            f"{seq_len} tokens, too few for one sequence of finetune.seq_len; raise "
-            "validation_fraction or give a larger validation_path"
-        )
+    test = readers.tokenize_and_pack(test_docs, tokenizer, seq_len)
+    for split, rows, given, fraction in (
+        ("validation", val, ds.validation_path, "validation_fraction"),
+        ("test", test, ds.test_path, "test_fraction"),
+    ):
+        if rows.shape[0] == 0:
+            raise readers.DataError(
+                f"dataset '{name}': the {split} split of {given or ds.path} has fewer than "
+                f"{seq_len} tokens, too few for one sequence of finetune.seq_len; raise "
+                f"{fraction} or give a larger {split}_path"
+            )
     if train.shape[0] == 0:
         raise readers.DataError(
             f"dataset '{name}': {ds.path} has fewer than {seq_len} training tokens after "
             "tokenization; give more text or a smaller finetune.seq_len"
         )
     outputs = []
-    for split, rows in (("train", train), ("validation", val)):
+    for split, rows in (("train", train), ("validation", val), ("test", test)):
         path = ctx.layout.shard(name, split)
         save_tensors({"input_ids": rows}, path, {"dataset": name, "split": split})
         outputs.append(path)
-    log.info("data %s: %d train rows, %d validation rows of %d tokens -> %s", name,
-             train.shape[0], val.shape[0], seq_len, ctx.show(outputs[0].parent))  # fmt: skip
+    log.info("data %s: %d train, %d validation, %d test rows of %d tokens -> %s", name,
+             train.shape[0], val.shape[0], test.shape[0], seq_len,
+             ctx.show(outputs[0].parent))  # fmt: skip
     ctx.record(
         step,
         outputs,
         extra={
             "train_rows": int(train.shape[0]),
             "validation_rows": int(val.shape[0]),
+            "test_rows": int(test.shape[0]),
             "train_documents": len(train_docs),
             "validation_documents": len(val_docs),
+            "test_documents": len(test_docs),
         },
     )
+
+
+def split_dataset(ctx: RunContext, name: str) -> tuple[list[str], list[str], list[str]]:
+    """Train, validation and test documents, disjoint by document.
+
+    A split without its own file is held out of `path` by a seeded document-level split
+    (`finetune.seed`); with neither file, validation and test come from one shuffle.
+    """
+    ds = ctx.cfg.datasets[name]
+    seed = ctx.cfg.finetune.seed
+
+    def read(path: str) -> list[str]:
+        return readers.read_documents(ctx.data_path(path), ds.text_field, name)
+
+    docs = read(ds.path)
+    fractions = {}
+    if not ds.validation_path:
+        fractions["validation"] = ds.validation_fraction
+    if not ds.test_path:
+        fractions["test"] = ds.test_fraction
+    held: dict[str, list[str]] = {}
+    train = docs
+    if fractions:
+        try:
+            train, parts = readers.split_off(docs, fractions, seed)
+        except readers.DataError as exc:
+            raise readers.DataError(f"dataset '{name}': {ds.path}: {exc}") from exc
+        held = dict(zip(fractions, parts, strict=True))
+    val = held["validation"] if "validation" in held else read(ds.validation_path)
+    test = held["test"] if "test" in held else read(ds.test_path)
+    return train, val, test
 
 
 def base_fingerprint(spec: BaseModelSpec, trust_remote_code: bool) -> dict:

@@ -1,4 +1,5 @@
-"""report: every model on every validation shard, the searches, and what each side cost."""
+"""report: every model on every validation and test shard, the searches, and what each side
+cost. The verdict (DEM against the best mixture) is made on test, which nothing chose on."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import time
 
 import ray
 
+from dem_ray.core.diagnostics import vector_diagnostics
 from dem_ray.report.build import build_report
 from dem_ray.report.render import write_report
 from dem_ray.stages.base import RunContext, Stage, Step
 from dem_ray.stages.search import evaluators, scoring_inputs
 
 log = logging.getLogger(__name__)
+
+# Layer groups of the report's per-block diagnostics outside a per-block space.
+DIAGNOSTIC_GROUPS = 4
 
 
 class ReportStage(Stage):
@@ -25,8 +30,9 @@ class ReportStage(Stage):
         "finetune": "the fine-tunes",
         "cost": "`cost.*` (the prices)",
         "comparison": "the baseline's records and the grid's trials, when the run has them",
-        "scoring": "the validation shards, the vectors, `evaluator.max_validation_sequences`, "
-        "`evaluator.autocast`, `evaluator.vector_dtype`",
+        "scoring": "the validation and test shards, the vectors, "
+        "`evaluator.max_validation_sequences`, `evaluator.autocast`, `evaluator.vector_dtype`, "
+        "`finetune.seed` (the rows sampled)",
     }
 
     def steps(self, ctx: RunContext) -> list[Step]:
@@ -60,16 +66,19 @@ class ReportStage(Stage):
             **{f"finetuned/{n}": layout.finetune(n) for n in ctx.names},
             "dem": layout.merged,
         }
-        scores, device_seconds, tokens = {}, 0.0, 0
+        scores: dict[str, dict] = {"validation": {}, "test": {}}
+        device_seconds, tokens = 0.0, 0
         for label, path in models.items():
-            if path is None:
-                result = ray.get(actor.evaluate.remote([0.0] * len(ctx.names)))
-            else:
-                result = ray.get(actor.evaluate_checkpoint.remote(ctx.ref(path)))
-            scores[label] = {n: tuple(v) for n, v in result["nll"].items()}
-            device_seconds += result["device_seconds"]
-            tokens += result["tokens"]
-            log.info("report: scored %s", label)
+            for split, by_label in scores.items():
+                if path is None:
+                    call = actor.evaluate.remote([0.0] * len(ctx.space.keys), split=split)
+                else:
+                    call = actor.evaluate_checkpoint.remote(ctx.ref(path), split=split)
+                result = ray.get(call)
+                by_label[label] = {n: tuple(v) for n, v in result["nll"].items()}
+                device_seconds += result["device_seconds"]
+                tokens += result["tokens"]
+            log.info("report: scored %s on validation and test", label)
         startup = ctx.pool.take_startup_cost()["startup_device_seconds"]
         cost = {
             "device_seconds": device_seconds + startup,
@@ -78,7 +87,10 @@ class ReportStage(Stage):
             "wall_seconds": time.perf_counter() - start,
             "device": ctx.pool.device,
         }
-        report = build_report(ctx, scores, cost)
+        diagnostics = vector_diagnostics([layout.vector(n) for n in ctx.names], ctx.names,
+                                         groups=ctx.space.groups or DIAGNOSTIC_GROUPS)  # fmt: skip
+        report = build_report(ctx, scores["validation"], cost, test_scores=scores["test"],
+                              diagnostics=diagnostics)  # fmt: skip
         paths = write_report(report, layout.search, layout.report)
         ctx.record(step, paths, cost=cost)
         log.info("report -> %s", ctx.show(layout.report))

@@ -25,13 +25,13 @@ from dem_ray.ray.search import (
     run_search,
     warm_start_points,
 )
-from dem_ray.stages.base import RunContext, Stage, Step
+from dem_ray.stages.base import RunContext, Stage, StageError, Step
 
 log = logging.getLogger(__name__)
 
 EVALUATION_HELP = (
     "the validation shards, `evaluator.max_validation_sequences`, `evaluator.autocast`, "
-    "`evaluator.vector_dtype` and the vectors"
+    "`evaluator.vector_dtype`, `finetune.seed` (the rows sampled) and the vectors"
 )
 
 
@@ -48,10 +48,25 @@ def evaluators(ctx: RunContext, need_vectors: bool = True) -> list:
         base_dir=ctx.ref(ctx.base_dir),
         vector_paths=vectors,
         shard_paths={n: ctx.ref(layout.shard(n, "validation")) for n in ctx.names},
+        test_paths={n: ctx.ref(layout.shard(n, "test")) for n in ctx.names},  # report only
+        sample_seed=ctx.cfg.finetune.seed,
         trust_remote_code=ctx.cfg.trust_remote_code,
         vector_hashes=list(ctx.vector_hashes().values()) if need_vectors else [],
+        merge_spec=merge_spec(ctx) if need_vectors else {},
     )
     return ctx.pool.get(spec)
+
+
+def merge_spec(ctx: RunContext) -> dict:
+    """The merge kernel's method keywords: the same in the evaluators and in `merge`."""
+    cfg = ctx.cfg.search
+    return {
+        "method": cfg.merge_method,
+        "density": cfg.density,
+        "dare_seed": cfg.dare_seed,
+        "groups": ctx.space.merge_groups,
+        "names": list(ctx.names),
+    }
 
 
 def scoring_inputs(ctx: RunContext) -> dict:
@@ -66,7 +81,10 @@ def scoring_inputs(ctx: RunContext) -> dict:
 class SearchStage(Stage):
     name = "search"
     command = "search"
-    outputs = "`search/trials.jsonl`, `search/best.json`"
+    outputs = (
+        "`search/trials.jsonl`, `search/best.json` (and `search/global_trials.jsonl`: the "
+        "global stage of a two-stage per-block search)"
+    )
     invalidated_by = {
         "search": "every `search.*` key except `max_concurrent`, `num_trials` (raising it "
         "runs only the missing trials) and `compare_grid`",
@@ -85,11 +103,15 @@ class SearchStage(Stage):
         }
         wanted = len(ctx.space.grid(cfg.grid_step)) if cfg.algorithm == "grid" else cfg.num_trials
         layout = ctx.layout
+        reads = [layout.trials, inputs_marker(layout.trials)]
+        if ctx.space.two_stage:
+            global_trials(ctx)  # a budget that leaves no per-block trial fails here
+            reads += [global_trials_path(ctx), inputs_marker(global_trials_path(ctx))]
         return [
             Step(
                 "search",
                 inputs,
-                reads=(layout.trials, inputs_marker(layout.trials)),
+                reads=tuple(reads),
                 enough=lambda entry: entry.get("num_trials", 0) >= wanted,
             )
         ]
@@ -104,10 +126,22 @@ class SearchStage(Stage):
         points, update = _warm_start(ctx, earlier if changed else None, step.digest)
         if update is None and earlier is not None and not changed:
             update = earlier.get("update")  # an extended search keeps what its start was
-        trials = run_search(ctx.cfg.search, ctx.space, actors, layout.search, layout.ray_tune,
-                            inputs=step.digest, fresh=bool(ctx.options.get("force")),
-                            warm_start=points, **_tune_storage(ctx, layout.trials))  # fmt: skip
-        best = best_trial(trials)
+        cfg, fresh = ctx.cfg.search, bool(ctx.options.get("force"))
+        first: list[dict] = []
+        if ctx.space.two_stage:
+            first, cfg = _global_stage(ctx, actors, step.digest, fresh)
+            if points:
+                log.info("search: two-stage; the per-block stage starts from the global "
+                         "stage, not from the %d earlier candidates", len(points))  # fmt: skip
+                points, update = [], {**update, "warm_start_points": 0}
+        # A two-stage search's per-block stage learns every global trial (each is a
+        # per-block point with all groups the same, the global best among them) and
+        # never evaluates one again.
+        trials = run_search(cfg, ctx.space, actors, layout.search, layout.ray_tune,
+                            inputs=step.digest, fresh=fresh, warm_start=points, known=first,
+                            **_tune_storage(ctx, layout.trials))  # fmt: skip
+        best = best_trial([*first, *trials])
+        trials = [*first, *trials]  # the cost and the count cover both stages
         best_record = {
             "weights": best["weights"],
             "objective": {"name": ctx.cfg.search.objective, "value": best["objective"]},
@@ -122,10 +156,48 @@ class SearchStage(Stage):
         weights = ", ".join(f"{k}={v:.4f}" for k, v in best["weights"].items())
         log.info("search done: best objective %.4f at %s -> %s", best["objective"], weights,
                  ctx.show(layout.search))  # fmt: skip
-        ctx.record(step, [layout.trials, layout.best],
+        outputs = [layout.trials, layout.best]
+        if ctx.space.two_stage:
+            outputs.append(global_trials_path(ctx))
+        ctx.record(step, outputs,
                    cost=search_cost(ctx, trials, start),
                    extra={"vectors": ctx.vector_hashes(), "num_trials": len(trials),
                           "update": update, "best_weights": best["weights"]})  # fmt: skip
+
+
+def global_trials_path(ctx: RunContext) -> Path:
+    return ctx.layout.search / "global_trials.jsonl"
+
+
+def global_trials(ctx: RunContext) -> int:
+    """Trials of a two-stage search's global stage (the rest search per block)."""
+    total = ctx.cfg.search.num_trials
+    n = ctx.space.global_trials or max(1, total // 2)
+    if n >= total:
+        raise StageError(
+            f"{ctx.space.source}: global_trials ({n}) leaves none of search.num_trials "
+            f"({total}) for the per-block stage; raise num_trials or lower global_trials"
+        )
+    return n
+
+
+def _global_stage(ctx: RunContext, actors: list, inputs: str, fresh: bool) -> tuple[list, object]:
+    """A two-stage search's first stage: one weight per dataset (every block group the
+    same), in its own trial log. Returns its trials and the per-block stage's config."""
+    cfg = ctx.cfg.search
+    n = global_trials(ctx)
+    path = global_trials_path(ctx)
+    log.info("search: two-stage; %d global trials, then %d per block", n, cfg.num_trials - n)
+    trials = run_search(cfg.model_copy(update={"num_trials": n}), ctx.space.inner(), actors,
+                        ctx.layout.search, ctx.layout.ray_tune, trials_name=path.name,
+                        inputs=f"{inputs}/global", fresh=fresh, evaluate_in=ctx.space,
+                        **_tune_storage(ctx, path))  # fmt: skip
+    # The global stage's candidates, as this space's weights, for the report and the merge.
+    expanded = []
+    for t in trials:
+        weights = ctx.space.expand(t["weights"])
+        expanded.append({**t, "weights": weights, "params": ctx.space.to_params(weights)})
+    return expanded, cfg.model_copy(update={"num_trials": cfg.num_trials - n})
 
 
 class GridStage(Stage):
