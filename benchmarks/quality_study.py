@@ -159,6 +159,7 @@ def table(out: Path) -> None:
               f"{r['best_mixture_test']:.4f} | {r['gap_test']:+.4f} | "
               f"{r['best_specialist_test']:.4f} | {r['base_test']:.4f} | "
               f"{r['cost_share']:.1%} |")  # fmt: skip
+    evidence(out, sorted({b for b, _, _ in latest}))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +183,29 @@ def table(out: Path) -> None:
     path = out / "quality_gap.png"
     fig.savefig(path, dpi=120)
     print(f"\nplot: {path}", file=sys.stderr)
+
+
+def evidence(out: Path, budgets: list[int]) -> None:
+    """Why: each specialist against the mixture that is 100% its dataset (3x the steps on
+    the same data), and how much the vectors share a direction."""
+    from dem_ray.core.diagnostics import mean_offdiagonal, vector_diagnostics
+
+    print("\n| budget | dataset | specialist on it (test ppl) | 100% mixture on it (3x steps) "
+          "| vector norm | mean cosine (embed / layers / all) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for budget in budgets:
+        run = out / f"budget-{budget}"
+        report = json.loads((run / "report" / "report.json").read_text())
+        diag = vector_diagnostics([run / "vectors" / f"{n}.safetensors" for n in MERGED],
+                                  list(MERGED), groups=2)  # fmt: skip
+        by = {g: mean_offdiagonal(m) for g, m in diag["cosine_by_group"].items()}
+        cos = (f"{by['embed']:.2f} / {(by['block0'] + by['block1']) / 2:.2f} / "
+               f"{mean_offdiagonal(diag['cosine']):.2f}")  # fmt: skip
+        for name in MERGED:
+            alone = next(k for k in report["test_ppl"]
+                         if k.startswith("mixture/") and f"{name}1.0" in k)  # fmt: skip
+            print(f"| {budget} | {name} | {report['test_ppl'][f'finetuned/{name}'][name]:.1f} | "
+                  f"{report['test_ppl'][alone][name]:.1f} | {diag['norm'][name]:.2f} | {cos} |")  # fmt: skip
 
 
 def main() -> None:

@@ -356,7 +356,10 @@ class SearchConfig(_Section):
     """How the coefficients are searched."""
 
     space: str = Field(
-        "simplex", description="a file in `search_spaces/` by name, or a path to a space YAML"
+        "per_block",
+        description="a file in `search_spaces/` by name, or a path to a space YAML; the "
+        "default, `per_block` (a weight per dataset and block group, two-stage), found the "
+        "best composite at every budget of the quality study (docs/results.md)",
     )
     merge_method: MergeMethodName = Field(
         "linear",

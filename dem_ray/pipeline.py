@@ -76,7 +76,8 @@ class Pipeline:
             return
         self._check_run_dir()
         space = load_space(self.cfg.search.space, self.names, self.config_dir)
-        check_space_for_method(space, self.cfg.search.merge_method, self.cfg.search.algorithm)
+        search = self.cfg.search
+        check_space_for_method(space, search.merge_method, search.algorithm, search.num_trials)
         if base_kind(self.cfg.base_model) == "dir":
             check_model_dir(base_path(self.cfg.base_model), role="base model")
         for name, ds in self.cfg.datasets.items():

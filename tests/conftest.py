@@ -96,7 +96,8 @@ def tiny_config(run_dir: Path, base: Path, data: dict[str, Path], **overrides) -
             "torch_threads": 1,
             "log_every": 6,
         },
-        "search": {"num_trials": 6, "max_concurrent": 2, "seed": 0},
+        # The simplex (not the per-block default): the tests check weights that sum to 1.
+        "search": {"space": "simplex", "num_trials": 6, "max_concurrent": 2, "seed": 0},
         "evaluator": {
             "num_actors": 1,
             "cpus_per_actor": 0.5,

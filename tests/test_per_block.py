@@ -118,3 +118,15 @@ def test_sign_electing_methods_need_non_negative_weights() -> None:
     check_space_for_method(load_space("simplex", NAMES), "ties", "tpe")
     with pytest.raises(SpaceError, match="'two_stage: true' needs a sampler"):
         check_space_for_method(per_block(two_stage=True), "linear", "grid")
+
+
+def test_two_stage_budget_must_leave_per_block_trials() -> None:
+    space = per_block(two_stage=True, global_trials=8)
+    with pytest.raises(
+        SpaceError, match=r"global_trials \(8\) leaves none of search.num_trials \(8\)"
+    ):
+        check_space_for_method(space, "linear", "tpe", 8)
+    check_space_for_method(space, "linear", "tpe", 9)
+    check_space_for_method(per_block(two_stage=True), "linear", "tpe", 2)  # 1 global, 1 per block
+    with pytest.raises(SpaceError, match="leaves none"):
+        check_space_for_method(per_block(two_stage=True), "linear", "tpe", 1)

@@ -206,8 +206,11 @@ class Space:
 SIGN_ELECTING_METHODS = ("ties", "dare_ties")
 
 
-def check_space_for_method(space: Space, method: str, algorithm: str) -> None:
-    """Refuse a space that the merge method or the algorithm cannot use, before any work."""
+def check_space_for_method(
+    space: Space, method: str, algorithm: str, num_trials: int | None = None
+) -> None:
+    """Refuse a space that the merge method, the algorithm or the budget cannot use,
+    before any work."""
     if method in SIGN_ELECTING_METHODS and space.min_weight() < 0:
         raise SpaceError(
             f"{space.source}: search.merge_method '{method}' elects signs from non-negative "
@@ -219,6 +222,21 @@ def check_space_for_method(space: Space, method: str, algorithm: str) -> None:
             f"{space.source}: 'two_stage: true' needs a sampler; the plain grid "
             "(search.algorithm: grid) visits the global grid once"
         )
+    if (
+        space.two_stage
+        and num_trials is not None
+        and global_trials(space, num_trials) >= num_trials
+    ):
+        raise SpaceError(
+            f"{space.source}: global_trials ({global_trials(space, num_trials)}) leaves none of "
+            f"search.num_trials ({num_trials}) for the per-block stage; raise num_trials or "
+            "lower global_trials"
+        )
+
+
+def global_trials(space: Space, num_trials: int) -> int:
+    """Trials of a two-stage search's global stage (the rest search per block)."""
+    return space.global_trials or max(1, num_trials // 2)
 
 
 def resolve_space_file(space: str, config_dir: Path | None = None) -> Path:

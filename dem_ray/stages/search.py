@@ -16,6 +16,7 @@ from pathlib import Path
 from dem_ray.config import result_settings
 from dem_ray.core.atomic import write_text_atomic
 from dem_ray.core.mixtures import grid_step_for_comparison
+from dem_ray.core.spaces import global_trials
 from dem_ray.ray.pool import PoolSpec
 from dem_ray.ray.search import (
     best_trial,
@@ -25,7 +26,7 @@ from dem_ray.ray.search import (
     run_search,
     warm_start_points,
 )
-from dem_ray.stages.base import RunContext, Stage, StageError, Step
+from dem_ray.stages.base import RunContext, Stage, Step
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,6 @@ class SearchStage(Stage):
         layout = ctx.layout
         reads = [layout.trials, inputs_marker(layout.trials)]
         if ctx.space.two_stage:
-            global_trials(ctx)  # a budget that leaves no per-block trial fails here
             reads += [global_trials_path(ctx), inputs_marker(global_trials_path(ctx))]
         return [
             Step(
@@ -169,23 +169,11 @@ def global_trials_path(ctx: RunContext) -> Path:
     return ctx.layout.search / "global_trials.jsonl"
 
 
-def global_trials(ctx: RunContext) -> int:
-    """Trials of a two-stage search's global stage (the rest search per block)."""
-    total = ctx.cfg.search.num_trials
-    n = ctx.space.global_trials or max(1, total // 2)
-    if n >= total:
-        raise StageError(
-            f"{ctx.space.source}: global_trials ({n}) leaves none of search.num_trials "
-            f"({total}) for the per-block stage; raise num_trials or lower global_trials"
-        )
-    return n
-
-
 def _global_stage(ctx: RunContext, actors: list, inputs: str, fresh: bool) -> tuple[list, object]:
     """A two-stage search's first stage: one weight per dataset (every block group the
     same), in its own trial log. Returns its trials and the per-block stage's config."""
     cfg = ctx.cfg.search
-    n = global_trials(ctx)
+    n = global_trials(ctx.space, cfg.num_trials)
     path = global_trials_path(ctx)
     log.info("search: two-stage; %d global trials, then %d per block", n, cfg.num_trials - n)
     trials = run_search(cfg.model_copy(update={"num_trials": n}), ctx.space.inner(), actors,
