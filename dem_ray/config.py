@@ -358,8 +358,8 @@ class SearchConfig(_Section):
     space: str = Field(
         "per_block",
         description="a file in `search_spaces/` by name, or a path to a space YAML; the "
-        "default, `per_block` (a weight per dataset and block group, two-stage), found the "
-        "best composite at every budget of the quality study (docs/results.md)",
+        "default, `per_block` (a weight per dataset and block group, two-stage), had the best "
+        "mean test score over the quality study's budgets (docs/results.md)",
     )
     merge_method: MergeMethodName = Field(
         "linear",
