@@ -166,13 +166,16 @@ def table(out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for space in sorted({s for _, _, s in latest}):
-        for method in sorted({m for _, m, _ in latest}):
+    colours = dict(zip(METHODS, ("tab:blue", "tab:red", "tab:green", "tab:orange"), strict=True))
+    styles = dict(zip(SPACES, ("-", "--", ":", "-."), strict=True))
+    for space in [s for s in SPACES if s in {k[2] for k in latest}]:
+        for method in [m for m in METHODS if m in {k[1] for k in latest}]:
             points = sorted((b, r["gap_test"]) for (b, m, s), r in latest.items()
                             if m == method and s == space)  # fmt: skip
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=f"{method} / {space}")
+                ax.plot(xs, ys, marker="o", color=colours[method], linestyle=styles[space],
+                        label=f"{method} / {space}")  # fmt: skip
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("optimizer steps per dataset (each mixture: 3x)")
