@@ -50,6 +50,10 @@ def test_global_stage_first_then_per_block_knowing_it(two_stage):
     assert entry["num_trials"] == 8
     best = min(every, key=lambda t: t["objective"])
     assert entry["best_weights"] == pytest.approx(best["weights"], abs=1e-12)
+    record = json.loads(pipeline.layout.best.read_text())
+    held = first if record["stage"] == "global" else second
+    assert record["stage"] in ("global", "search")
+    assert held[record["trial"]]["objective"] == record["objective"]["value"] == best["objective"]
 
 
 def test_merged_dir_is_what_the_evaluator_scored(two_stage, tiny_base):

@@ -146,7 +146,8 @@ class SearchStage(Stage):
             "weights": best["weights"],
             "objective": {"name": ctx.cfg.search.objective, "value": best["objective"]},
             "ppl": best["ppl"],
-            "trial": best["trial"],
+            "trial": best["trial"],  # its index in the trial log of its stage:
+            "stage": best.get("stage", "search"),  # `global` (global_trials.jsonl) or `search`
             "num_trials": len(trials),
             "algorithm": ctx.cfg.search.algorithm,
             "space": ctx.space.kind,
@@ -184,7 +185,8 @@ def _global_stage(ctx: RunContext, actors: list, inputs: str, fresh: bool) -> tu
     expanded = []
     for t in trials:
         weights = ctx.space.expand(t["weights"])
-        expanded.append({**t, "weights": weights, "params": ctx.space.to_params(weights)})
+        expanded.append({**t, "weights": weights, "params": ctx.space.to_params(weights),
+                         "stage": "global"})  # fmt: skip
     return expanded, cfg.model_copy(update={"num_trials": cfg.num_trials - n})
 
 
