@@ -36,7 +36,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 log = logging.getLogger("quality_study")
 
-PRETRAIN = ("plays", "chat")
+PRETRAIN = ("plays", "chat_text")
 MERGED = ("code", "docstrings", "dialogue")
 METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 SPACES = ("simplex", "box", "box_wide", "per_block")

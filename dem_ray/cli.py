@@ -145,7 +145,7 @@ def _parse_weights(text: str) -> dict[str, float]:
 
 
 def _print_summary(pipeline) -> None:
-    from dem_ray.report.render import ppl_table
+    from dem_ray.report.render import ppl_table, tokens_note
 
     report = pipeline.report()
     for split in ("validation", "test"):
@@ -161,6 +161,8 @@ def _print_summary(pipeline) -> None:
                     for i, (cell, w) in enumerate(zip(row, widths, strict=True))
                 )
             )
+    if tokens_note(report):
+        print(tokens_note(report))
     print()
     print(report["summary"])
     weights = ", ".join(f"{k}={v:.3f}" for k, v in report["dem_weights"].items())
@@ -176,9 +178,11 @@ def _corpora(args) -> int:
     from dem_ray.data import corpora
 
     if args.corpora_command == "list":
+        width = max(map(len, corpora.CORPORA))
+        fmt_width = max(len(info.format) for info in corpora.CORPORA.values())
         for name, info in corpora.CORPORA.items():
             needs = f" (needs: {info.install})" if info.install else ""
-            print(f"{name:<11} {info.description}{needs}")
+            print(f"{name:<{width}}  {info.format:<{fmt_width}}  {info.description}{needs}")
         return 0
     try:
         paths = corpora.build(

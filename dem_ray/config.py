@@ -46,6 +46,8 @@ Scheduler = Literal["none", "asha"]
 MergeMethodName = Literal["linear", "ties", "dare_linear", "dare_ties"]
 Autocast = Literal["none", "bfloat16", "float16"]
 VectorDtype = Literal["float32", "bfloat16", "float16"]
+DataFormat = Literal["text", "chat", "prompt_completion"]
+PrepareEngine = Literal["auto", "local", "ray"]
 BaseKind = Literal["gguf", "dir", "hub"]
 
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
@@ -165,12 +167,38 @@ class _Section(_Strict):
 class DatasetConfig(_Section):
     """One training distribution: the data one specialist is fine-tuned on."""
 
-    path: str = Field(
+    path: str | None = Field(
+        None,
         description="`.jsonl`, `.json`, `.parquet`, text files (`.txt/.md/.rst`, one document "
         "per blank-line-separated paragraph), a directory of text files, or a directory "
-        "written by `datasets.save_to_disk`"
+        "written by `datasets.save_to_disk` (give `path` or `hub`)",
+        json_schema_extra=_meta(shown="`path` or `hub`"),
+    )
+    hub: str | None = Field(
+        None,
+        description="an HF Hub dataset id, read with `datasets.load_dataset` (needs the "
+        "network, or the datasets cache); instead of `path`",
+    )
+    subset: str | None = Field(None, description="the Hub dataset's configuration name")
+    split: str = Field("train", description="the split of a Hub or saved dataset to read")
+    format: DataFormat = Field(
+        "text",
+        description="`text`: packed documents, loss on every token; `chat`: rows of "
+        "`messages`, loss on the assistant turns; `prompt_completion`: loss on the completion",
     )
     text_field: str = Field("text", description="the field/column holding the text")
+    messages_field: str = Field(
+        "messages", description="`format: chat`: the field holding the list of {role, content}"
+    )
+    prompt_field: str = Field("prompt", description="`format: prompt_completion`: the prompt")
+    completion_field: str = Field(
+        "completion", description="`format: prompt_completion`: the completion"
+    )
+    chat_template: str | None = Field(
+        None,
+        description="`format: chat`: a Jinja chat template file used instead of the base "
+        "tokenizer's own",
+    )
     validation_path: str | None = Field(
         None,
         description="a separate validation file; without it, a seeded document-level split",
@@ -200,6 +228,14 @@ class DatasetConfig(_Section):
         description="cap on training documents",
         json_schema_extra=_meta(error=_PLAIN_RANGE),
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetConfig:
+        if (self.path is None) == (self.hub is None):
+            raise _Problem("'{key}' needs exactly one of `path` (a local file) or `hub` (an id)")
+        if self.chat_template is not None and self.format != "chat":
+            raise _Problem("'{key}': `chat_template` is for `format: chat` only")
+        return self
 
 
 class _Placed(_Section):
@@ -278,7 +314,8 @@ class FinetuneConfig(_Placed):
     seq_len: int = Field(
         128,
         ge=2,
-        description="tokens per packed row, for training and validation",
+        description="tokens per row, for training and scoring: packed text, or one instruction "
+        "example (right-padded; longer ones cut by the truncation rule)",
         json_schema_extra=_meta(
             error="{key} must be {cond} (one token predicts the next), got {value}"
         ),
@@ -612,6 +649,33 @@ def _mixture(mix: Any, index: int) -> Mixture:
     return tuple((name, float(ratio) / scale) for name, ratio in pairs)
 
 
+class PrepareConfig(_Section):
+    """How datasets are read and tokenized; never what the shards hold (every engine writes
+    the same bytes)."""
+
+    engine: PrepareEngine = Field(
+        "auto",
+        description="`ray`: Ray Data reads and tokenizes over the cluster's CPUs; `local`: "
+        "in the driver, streamed; `auto`: `ray` for inputs of at least `ray_min_mb`",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    ray_min_mb: float = Field(
+        64.0,
+        ge=0,
+        description="`engine: auto` uses Ray Data from this input size (MB) up",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    batch_size: int = Field(
+        512, gt=0, description="records per tokenization batch", json_schema_extra=_meta(_RESOURCE)
+    )
+    num_cpus: int | None = Field(
+        None,
+        gt=0,
+        description="tokenizing workers of `engine: ray` (default: the cluster's CPUs)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+
+
 class CostConfig(_Section):
     """Prices that turn measured device-seconds into money, per kind of device."""
 
@@ -672,6 +736,7 @@ class RunConfig(_Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
     baseline: BaselineConfig | None = None
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     # Not a key of the file: `parse_config` sets it, and it is left out of dumps.
     source: str = Field("<dict>", exclude=True)

@@ -107,8 +107,11 @@ class Pipeline:
         try:
             for command in commands:
                 self.run_command(command, force=force, **options)
-        except KeyboardInterrupt:  # a stop (`Stopped`, or Ray's re-raise of it)
-            self.close(stopping=True)
+        except BaseException as exc:  # a failure, or a stop (`Stopped`, Ray's re-raise of it)
+            try:
+                self.close(stopping=isinstance(exc, KeyboardInterrupt))
+            except Exception as close_exc:  # noqa: BLE001 - the first error is the one to see
+                log.warning("closing the run after the error above failed too: %s", close_exc)
             raise
         self.close()
 

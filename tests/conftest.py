@@ -72,6 +72,15 @@ def pretrained_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_base(tmp_path_factory) -> Path:
+    """A tiny Llama whose tokenizer has ChatML turn markers and a chat template."""
+    from dem_ray.models.tiny import make_tiny_model, synthetic_corpus
+
+    texts = [t for s in STYLES for t in synthetic_corpus(s, 60, seed=3)]
+    return make_tiny_model(tmp_path_factory.mktemp("chat") / "base", texts, chat=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     from dem_ray.models.tiny import synthetic_corpus, write_jsonl
 

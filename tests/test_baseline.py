@@ -27,14 +27,22 @@ def test_mixture_grid_and_fair_budget():
     assert steps_per_mixture(BaselineConfig(grid_step=0.5, steps=4), hp, 3) == 4
 
 
-def test_sample_batch_follows_the_ratio():
-    shards = [torch.zeros(5, 4, dtype=torch.int32), torch.ones(7, 4, dtype=torch.int32)]
+def test_sample_batch_follows_the_ratio(tmp_path):
+    from safetensors.torch import save_file
+
+    from dem_ray.data.shards import ShardReader
+
+    shards = []
+    for value, count in ((0, 5), (1, 7)):
+        path = tmp_path / f"{value}.safetensors"
+        save_file({"input_ids": torch.full((count, 4), value, dtype=torch.int32)}, str(path))
+        shards.append(ShardReader(path))
     generator = torch.Generator().manual_seed(0)
-    rows, counts = sample_batch(shards, torch.tensor([0.25, 0.75]), 4000, generator)
-    assert rows.shape == (4000, 4)
+    rows, mask, counts = sample_batch(shards, torch.tensor([0.25, 0.75]), 4000, generator)
+    assert rows.shape == (4000, 4) and mask is None
     assert counts.tolist() == [int((rows[:, 0] == 0).sum()), int((rows[:, 0] == 1).sum())]
     assert counts[1] / 4000 == pytest.approx(0.75, abs=0.03)
-    only_first, counts = sample_batch(shards, torch.tensor([1.0, 0.0]), 50, generator)
+    only_first, _, counts = sample_batch(shards, torch.tensor([1.0, 0.0]), 50, generator)
     assert counts.tolist() == [50, 0] and int(only_first.sum()) == 0
 
 

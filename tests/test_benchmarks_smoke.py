@@ -145,3 +145,13 @@ def test_noop_run(tmp_path):
     default, verify = figures["median"]["default"], figures["median"]["--verify"]
     assert default["hashed"] == 0  # a no-op trusts what it recorded: nothing re-hashed
     assert verify["hashed"] >= figures["artifacts_bytes"] * 0.5  # --verify reads them all
+
+
+def test_prepare_throughput(tmp_path):
+    out = tmp_path / "pt.json"
+    done = run("prepare_throughput.py", "--size", "tiny", "--mb", "1", "--variants",
+               "loop,local", "--cache-dir", str(tmp_path), "--json", str(out),
+               tmp_path=tmp_path)  # fmt: skip
+    for figure in ("(a) tokenizer(batch) loop", "(b) engine local", "tokens/s", "/ file size"):
+        assert figure in done.stdout, figure
+    assert out.exists()

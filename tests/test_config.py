@@ -19,6 +19,7 @@ from dem_ray.config import (
     DatasetConfig,
     EvaluatorConfig,
     FinetuneConfig,
+    PrepareConfig,
     RunConfig,
     SearchConfig,
     field_role,
@@ -337,7 +338,9 @@ def test_empty_required_string(tmp_path: Path, key) -> None:
 def test_dataset_without_path(tmp_path: Path) -> None:
     raw = minimal()
     raw["datasets"]["code"] = {"text_field": "body"}
-    assert "missing required key 'datasets.code.path'" in error_of(tmp_path, raw)
+    assert "'datasets.code' needs exactly one of `path` (a local file) or `hub`" in error_of(
+        tmp_path, raw
+    )
 
 
 def test_datasets_not_a_mapping(tmp_path: Path) -> None:
@@ -475,6 +478,7 @@ SECTIONS = {
     "finetune": FinetuneConfig,
     "search": SearchConfig,
     "evaluator": EvaluatorConfig,
+    "prepare": PrepareConfig,
     "cost": CostConfig,
 }
 
@@ -609,7 +613,15 @@ ROLES = {
     DatasetConfig: {
         "result": {
             "path",
+            "hub",
+            "subset",
+            "split",
+            "format",
             "text_field",
+            "messages_field",
+            "prompt_field",
+            "completion_field",
+            "chat_template",
             "validation_path",
             "validation_fraction",
             "test_path",
@@ -675,6 +687,7 @@ ROLES = {
     },
     BaselineConfig: {"result": {"grid_step", "mixtures", "steps", "keep_all"}},
     CostConfig: {"result": {"usd_per_gpu_hour", "usd_per_cpu_hour"}},
+    PrepareConfig: {"resource": {"engine", "ray_min_mb", "batch_size", "num_cpus"}},
 }
 
 

@@ -15,6 +15,7 @@ from dem_ray.config import (
     DatasetConfig,
     EvaluatorConfig,
     FinetuneConfig,
+    PrepareConfig,
     RunConfig,
     SearchConfig,
     config_table_markdown,
@@ -32,6 +33,7 @@ MODELS: list[type[BaseModel]] = [
     EvaluatorConfig,
     BaselineConfig,
     CostConfig,
+    PrepareConfig,
 ]
 
 
@@ -57,7 +59,15 @@ def test_readme_config_table_is_generated_from_the_models() -> None:
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
 def test_every_key_is_documented(model) -> None:
     for name, info in model.model_fields.items():
-        nested = name in {"datasets", "finetune", "search", "evaluator", "baseline", "cost"}
+        nested = name in {
+            "datasets",
+            "finetune",
+            "search",
+            "evaluator",
+            "baseline",
+            "prepare",
+            "cost",
+        }
         if model is RunConfig and (nested or info.exclude):
             continue
         assert info.description, f"{model.__name__}.{name} has no description="
@@ -73,6 +83,7 @@ def test_table_lists_every_key_once_in_field_order() -> None:
         ("search", SearchConfig),
         ("evaluator", EvaluatorConfig),
         ("baseline", BaselineConfig),
+        ("prepare", PrepareConfig),
         ("cost", CostConfig),
     ]:
         expected += [f"`{prefix}.{k}`" for k in model.model_fields]
@@ -84,7 +95,7 @@ def test_table_lists_every_key_once_in_field_order() -> None:
     ("key", "default"),
     [
         ("`run_dir`", "required"),
-        ("`datasets.<name>.path`", "required"),
+        ("`datasets.<name>.path`", "`path` or `hub`"),
         ("`datasets.<name>.validation_path`", "none"),
         ("`datasets.<name>.validation_fraction`", "`0.05`"),
         ("`trust_remote_code`", "`false`"),

@@ -213,13 +213,23 @@ def _exit_once(marker: Path, job: str, at_step: int, storage: Path):
     return after_step
 
 
-def test_sampler_replay_counts_the_rows_the_lost_steps_drew():
+def test_sampler_replay_counts_the_rows_the_lost_steps_drew(tmp_path):
+    from safetensors.torch import save_file
+
+    from dem_ray.data.shards import ShardReader
     from dem_ray.ray.finetune import rows_before, sample_batch, step_generator
 
-    shards = [torch.zeros(5, 4), torch.ones(7, 4)]
+    shards = []
+    for i, rows in enumerate((5, 7)):
+        path = tmp_path / f"s{i}.safetensors"
+        save_file({"input_ids": torch.full((rows, 4), i, dtype=torch.int32)}, str(path))
+        shards.append(ShardReader(path))
     probs = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    counted = sum(sample_batch(shards, probs, 8, step_generator(1, 0, s))[1] for s in (1, 2, 3))
+    batches = [sample_batch(shards, probs, 8, step_generator(1, 0, s)) for s in (1, 2, 3)]
+    counted = sum(counts for _, _, counts in batches)
     assert torch.equal(rows_before(probs, 8, 1, 0, 3), counted)
+    for ids, mask, counts in batches:  # each row comes from the shard the sampler drew
+        assert mask is None and int((ids[:, 0] == 1).sum()) == int(counts[1])
 
 
 # ---- 4. killed while writing --------------------------------------------------------------------

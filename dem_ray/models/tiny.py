@@ -16,8 +16,20 @@ import torch
 ARCHITECTURES = ("llama", "gpt2", "qwen2")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 384):
-    """A byte-level BPE tokenizer with <|endoftext|> as BOS/EOS/pad."""
+# A ChatML template, as many instruction-tuned bases ship: each turn between
+# <|im_start|>ROLE and <|im_end|>, the generation prompt an open assistant turn.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 384, chat: bool = False):
+    """A byte-level BPE tokenizer with <|endoftext|> as BOS/EOS/pad; with `chat`, also
+    ChatML's turn markers as special tokens and `CHATML_TEMPLATE` as its chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -26,16 +38,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=["<|endoftext|>", *(CHAT_TOKENS if chat else ())],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
+        additional_special_tokens=list(CHAT_TOKENS) if chat else None,
     )
+    if chat:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
 
 def make_tiny_model(
@@ -47,11 +63,13 @@ def make_tiny_model(
     vocab_size: int = 384,
     tie_embeddings: bool = True,
     seed: int = 0,
+    chat: bool = False,
 ) -> Path:
-    """Save a tiny causal LM with a tokenizer trained on `texts` to `out_dir`."""
+    """Save a tiny causal LM with a tokenizer trained on `texts` to `out_dir` (with
+    `chat`, a tokenizer with a ChatML chat template)."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer = train_tokenizer(texts, vocab_size, chat=chat)
     vocab = len(tokenizer)
     eos = tokenizer.eos_token_id
     common = {"vocab_size": vocab, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
@@ -139,6 +157,41 @@ def synthetic_corpus(style: str, count: int, seed: int = 0) -> list[str]:
             for _ in range(count)
         ]
     raise ValueError(f"unknown style {style!r}")
+
+
+def synthetic_instructions(style: str, count: int, seed: int = 0, kind: str = "chat") -> list:
+    """Instruction rows built from `synthetic_corpus(style)` (for tests only): `chat` rows
+    of one to three user/assistant exchanges, some with a system message, or
+    `prompt_completion` rows (a document's first half, then the rest)."""
+    docs = synthetic_corpus(style, count * 3, seed)
+    rng = random.Random(f"{style}-{seed}-{kind}")
+    rows = []
+    for i in range(count):
+        doc = docs[i].split()
+        cut = max(1, len(doc) // 2)
+        if kind == "prompt_completion":
+            rows.append(
+                {"prompt": " ".join(doc[:cut]) + " ->", "completion": " " + " ".join(doc[cut:])}
+            )
+            continue
+        messages = [{"role": "system", "content": f"continue the {style}"}] if i % 3 == 0 else []
+        for turn in range(rng.randint(1, 3)):
+            words = docs[(i + turn * count) % len(docs)].split()
+            half = max(1, len(words) // 2)
+            messages.append({"role": "user", "content": " ".join(words[:half])})
+            messages.append({"role": "assistant", "content": " ".join(words[half:]) or "ok"})
+        rows.append({"messages": messages})
+    if kind not in ("chat", "prompt_completion"):
+        raise ValueError(f"unknown kind {kind!r}; use 'chat' or 'prompt_completion'")
+    return rows
+
+
+def write_rows(path: Path, rows: Iterable[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path
 
 
 def write_jsonl(path: Path, texts: Iterable[str], field: str = "text") -> Path:

@@ -12,14 +12,15 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import torch
-from safetensors.torch import load_file
 
 from dem_ray.core.merge import LazyTensors, ResidentMerge
-from dem_ray.core.perplexity import token_nll
+from dem_ray.core.perplexity import target_count, token_nll
+from dem_ray.data.shards import load_shard
 from dem_ray.models.base import check_model_dir, load_model
 from dem_ray.run.storage import RunPath, fetch
 
@@ -148,20 +149,26 @@ class Evaluator:
             "calls": self.calls,
             "merges": self.merges,
             "rss_bytes": _rss_bytes(),
-            "validation_tokens": {n: int(r[:, 1:].numel()) for n, r in self.shards.items()},
-            "test_tokens": {n: int(r[:, 1:].numel()) for n, r in self.test_shards.items()},
+            "validation_tokens": {n: s.targets for n, s in self.shards.items()},
+            "test_tokens": {n: s.targets for n, s in self.test_shards.items()},
         }
 
     def _load_shards(
         self, paths: dict[str, str | RunPath], max_sequences: int | None, seed: int
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, ScoredShard]:
         shards = {}
         for name, path in paths.items():
-            rows = sample_rows(load_file(fetch(path))["input_ids"], max_sequences, seed)
-            shards[name] = rows.to(self.device, dtype=torch.long)
+            rows, mask = load_shard(fetch(path))
+            keep = sample_index(rows.shape[0], max_sequences, seed)
+            if keep is not None:
+                rows, mask = rows[keep], (None if mask is None else mask[keep])
+            shards[name] = ScoredShard(
+                rows.to(self.device, dtype=torch.long),
+                None if mask is None else mask.to(self.device, dtype=torch.bool),
+            )
         return shards
 
-    def _split(self, split: str) -> dict[str, torch.Tensor]:
+    def _split(self, split: str) -> dict[str, ScoredShard]:
         if split == "validation":
             return self.shards
         if split == "test":
@@ -175,13 +182,14 @@ class Evaluator:
         start: tuple[float, float],
         part: int = 0,
         parts: int = 1,
-        shards: dict[str, torch.Tensor] | None = None,
+        shards: dict[str, ScoredShard] | None = None,
     ) -> dict:
         shards = self.shards if shards is None else shards
         nll = {
-            name: token_nll(self.model, rows[part::parts], self.batch_size, self.autocast)
-            for name, rows in shards.items()
-        }
+            name: token_nll(self.model, shard.rows[part::parts], self.batch_size, self.autocast,
+                            None if shard.mask is None else shard.mask[part::parts])
+            for name, shard in shards.items()
+        }  # fmt: skip
         spent = self._spent(start)
         tokens = sum(n for _, n in nll.values())
         self.device_seconds += spent
@@ -203,15 +211,34 @@ class Evaluator:
         return time.process_time() - start[1]
 
 
-def sample_rows(rows: torch.Tensor, max_sequences: int | None, seed: int) -> torch.Tensor:
-    """At most `max_sequences` rows: a seeded random sample (the same for a shard with the
-    same seed, whichever shards load beside it), kept in the shard's order. Not the first
-    rows: packed shards keep the file's order, so those would be its first documents."""
-    if max_sequences is None or rows.shape[0] <= max_sequences:
-        return rows
+@dataclass(frozen=True)
+class ScoredShard:
+    """A split's rows on the evaluator's device, with the loss mask of instruction data
+    (None for packed text, where every next token is a target)."""
+
+    rows: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def targets(self) -> int:
+        return target_count(self.rows, self.mask)
+
+
+def sample_index(count: int, max_sequences: int | None, seed: int) -> torch.Tensor | None:
+    """The rows to keep of `count`: at most `max_sequences`, a seeded random sample (the
+    same for a shard with the same seed, whichever shards load beside it), kept in the
+    shard's order; None keeps all. Not the first rows: shards keep the file's order, so
+    those would be its first documents."""
+    if max_sequences is None or count <= max_sequences:
+        return None
     generator = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(rows.shape[0], generator=generator)[:max_sequences]
-    return rows[keep.sort().values]
+    return torch.randperm(count, generator=generator)[:max_sequences].sort().values
+
+
+def sample_rows(rows: torch.Tensor, max_sequences: int | None, seed: int) -> torch.Tensor:
+    """`rows` cut to `sample_index`'s sample."""
+    keep = sample_index(rows.shape[0], max_sequences, seed)
+    return rows if keep is None else rows[keep]
 
 
 def _gpus_held() -> float:

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from dem_ray.config import FinetuneConfig
 from dem_ray.core.atomic import atomic_dir
+from dem_ray.core.perplexity import last_target
 from dem_ray.models.base import copy_tokenizer
 from dem_ray.ray.placement import scaling_config, trainers_that_fit
 from dem_ray.run.stopping import start_threads, wait_threads
@@ -44,15 +45,32 @@ class FinetuneJob:
 
 
 def sample_batch(
-    shards: list[torch.Tensor], probs: torch.Tensor, batch_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows drawn from the shards in proportion to `probs`; also the rows per shard."""
+    shards: list, probs: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Rows drawn from the shards (`ShardReader`s) in proportion to `probs`: their token
+    ids, their loss masks (None when every shard is packed text, whose every next token
+    is a target; ones for a text shard beside instruction shards), and the rows per shard."""
     source = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
-    rows = []
+    rows, masks = [], []
+    masked = any(shard.has_mask for shard in shards)
     for s in source.tolist():
-        index = torch.randint(shards[s].shape[0], (1,), generator=generator)
-        rows.append(shards[s][index])
-    return torch.cat(rows), torch.bincount(source, minlength=len(shards))
+        index = torch.randint(shards[s].num_rows, (1,), generator=generator)
+        ids, mask = shards[s].rows(index)
+        rows.append(ids)
+        if masked:
+            masks.append(torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
+    mask = torch.cat(masks) if masked else None
+    return torch.cat(rows), mask, torch.bincount(source, minlength=len(shards))
+
+
+def labels_of(batch: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch cut after its last loss target (padding needs no compute: a token never
+    attends to later ones) and its labels, -100 where the mask says no loss."""
+    if mask is None:
+        return batch, batch
+    width = max(2, last_target(mask) + 1)
+    batch, mask = batch[:, :width], mask[:, :width]
+    return batch, batch.masked_fill(~mask, -100)
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -139,8 +157,9 @@ def train_loop(config: dict) -> None:
     the sampler, seeded per step, draws the very batches the lost worker would have.
     """
     import ray.train.torch as rt
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    from dem_ray.data.shards import ShardReader
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     hp = FinetuneConfig(**config["finetune"])
@@ -151,7 +170,7 @@ def train_loop(config: dict) -> None:
         torch.set_num_threads(hp.torch_threads)
     torch.manual_seed(hp.seed)
     names = list(config["train_shards"])
-    shards = [load_file(fetch(config["train_shards"][n]))["input_ids"] for n in names]
+    shards = [ShardReader(fetch(config["train_shards"][n])) for n in names]  # memory-mapped
     base_dir = fetch(config["base_dir"])
     mixture = config.get("mixture") or {names[0]: 1.0}
     probs = torch.tensor([mixture[n] for n in names], dtype=torch.float64)
@@ -186,10 +205,10 @@ def train_loop(config: dict) -> None:
     interval_start, loss_value = time.perf_counter(), float("nan")
     for step in range(start_step + 1, max_steps + 1):
         generator = step_generator(hp.seed, rank, step)
-        batch, counts = sample_batch(shards, probs, hp.batch_size, generator)
+        batch, mask, counts = sample_batch(shards, probs, hp.batch_size, generator)
         rows_seen += counts
-        batch = batch.to(device=device, dtype=torch.long)
-        loss = model(input_ids=batch, labels=batch).loss
+        batch, labels = labels_of(batch.to(dtype=torch.long), mask)
+        loss = model(input_ids=batch.to(device), labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -76,6 +76,7 @@ def build_report(
         "base_model": str(cfg.base_model),
         "parameters": params,
         "datasets": names,
+        "formats": {n: cfg.datasets[n].format for n in names},
         "best_weights": best["weights"],  # the search's best
         "dem_weights": merged_weights,  # what the `dem` row scored: merge --weights wins
         "objective": {

@@ -38,6 +38,17 @@ def ppl_table(report: dict, split: str = "validation") -> list[list[str]]:
     return rows
 
 
+def tokens_note(report: dict) -> str:
+    """Which tokens a perplexity counts: response tokens for instruction datasets."""
+    formats = report.get("formats") or {}
+    instruct = [f"{n} ({f})" for n, f in formats.items() if f != "text"]
+    if not instruct:
+        return ""
+    text = [n for n, f in formats.items() if f == "text"]
+    note = f"Perplexity is over response tokens only for {', '.join(instruct)}"
+    return note + (f"; over every token for {', '.join(text)}." if text else ".")
+
+
 SPLITS_NOTE = (
     "The search, its warm start and the choice of the best mixture looked at validation "
     "only, so validation flatters what they chose; the verdict above is made on the test "
@@ -135,7 +146,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         "",
         markdown_table(ppl_table(report, "test")),
         "",
-        SPLITS_NOTE,
+        " ".join(filter(None, [tokens_note(report), SPLITS_NOTE])),
         "",
         "## Cost",
         "",
@@ -197,7 +208,7 @@ img {{ max-width: 100%; }}
 {report["num_trials"]} trials): {html.escape(_weights_text(report))}.</p>
 <h2>Validation perplexity</h2>{html_table(ppl_table(report))}
 <h2>Test perplexity</h2>{html_table(ppl_table(report, "test"))}
-<p>{html.escape(SPLITS_NOTE)}</p>
+<p>{html.escape(" ".join(filter(None, [tokens_note(report), SPLITS_NOTE])))}</p>
 <h2>Cost</h2>{html_table(cost_table(report))}
 {vectors}
 {"<h2>Search against the coefficient grid</h2>" + comparison if comparison else ""}
