@@ -27,7 +27,7 @@ test: lint
 	$(BIN)/pytest -q
 
 demo-data: install
-	$(BIN)/dem-ray corpora build code docstrings dialogue --out $(DEMO_DATA) --max-docs 300
+	$(BIN)/dem-ray corpora build code_instruct chat dialogue_turns --out $(DEMO_DATA) --max-docs 300
 
 demo: demo-data
 	$(BIN)/dem-ray run examples/demo.yaml
