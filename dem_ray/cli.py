@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Tune's TensorBoard logger renames every per-block weight key ('code@head') at INFO,
+    # once per trial and key: noise, not progress.
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     try:
         if args.command == "corpora":
             return _corpora(args)
