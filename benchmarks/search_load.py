@@ -21,6 +21,7 @@ from pathlib import Path
 
 import _common as bc
 import ray
+import torch
 
 from dem_ray.config import SearchConfig
 from dem_ray.core.spaces import load_space
@@ -47,7 +48,8 @@ def build_inputs(args, scratch: Path) -> tuple[Path, list[Path], dict[str, Path]
     shards = {}
     for i, name in enumerate(names):
         shards[name] = scratch / "data" / f"{name}.validation.safetensors"
-        save_tensors({"input_ids": rows[i * args.rows : (i + 1) * args.rows]}, shards[name])
+        part = rows[i * args.rows : (i + 1) * args.rows].to(torch.int32)  # the shard format
+        save_tensors({"input_ids": part}, shards[name])
     return base, vectors, shards
 
 
