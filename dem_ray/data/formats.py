@@ -91,18 +91,6 @@ class FormatStats:
         self.shortest = n if self.shortest is None else min(self.shortest, n)
         self.loss_tokens += sum(example.mask[1:]) if example.mask is not None else len(example.ids)
 
-    def merge(self, other: FormatStats) -> None:
-        self.examples += other.examples
-        self.truncated += other.truncated
-        self.dropped += other.dropped
-        self.skipped += other.skipped
-        self.loss_tokens += other.loss_tokens
-        self.longest = max(self.longest, other.longest)
-        if other.shortest is not None:
-            self.shortest = (
-                other.shortest if self.shortest is None else min(self.shortest, other.shortest)
-            )
-
     def as_dict(self) -> dict:
         return {
             "examples": self.examples,

@@ -162,11 +162,7 @@ def prepare_dataset(ctx: RunContext, step: Step, name: str, tokenizer) -> None:
         )  # fmt: skip
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    fractions = {}
-    if not ds.validation_path:
-        fractions["validation"] = ds.validation_fraction
-    if not ds.test_path:
-        fractions["test"] = ds.test_fraction
+    fractions = held_out_fractions(ds)
     label = ds.path or main.label
     with ExitStack() as stack:
         out: dict[str, engine.SplitOutput] = {}
@@ -269,6 +265,16 @@ def check_splits(name: str, ds: DatasetConfig, label: str, out: dict, seq_len: i
         )
 
 
+def held_out_fractions(ds: DatasetConfig) -> dict[str, float]:
+    """The splits held out of `path` (those without a file of their own), in split order."""
+    fractions = {}
+    if not ds.validation_path:
+        fractions["validation"] = ds.validation_fraction
+    if not ds.test_path:
+        fractions["test"] = ds.test_fraction
+    return fractions
+
+
 def split_dataset(ctx: RunContext, name: str) -> tuple[list[str], list[str], list[str]]:
     """Train, validation and test documents of a text dataset, disjoint by document, as
     lists (for tests and tools: `prepare_dataset` makes the same split, streamed).
@@ -283,11 +289,7 @@ def split_dataset(ctx: RunContext, name: str) -> tuple[list[str], list[str], lis
         return readers.read_documents(ctx.data_path(path), ds.text_field, name)
 
     docs = read(ds.path)
-    fractions = {}
-    if not ds.validation_path:
-        fractions["validation"] = ds.validation_fraction
-    if not ds.test_path:
-        fractions["test"] = ds.test_fraction
+    fractions = held_out_fractions(ds)
     held: dict[str, list[str]] = {}
     train = docs
     if fractions:
