@@ -252,6 +252,8 @@ def build(
     max_docs: int | None = None,
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     seed: int = 0,
+    cloze: int = 0,
+    cloze_choices: int = 4,
 ) -> dict[str, dict[str, Path]]:
     """Write `<out_dir>/<name>.train.jsonl` and `<name>.val.jsonl` for each corpus name.
 
@@ -262,6 +264,15 @@ def build(
     datasets quickly and reproducibly.  Files are written to a temporary name in `out_dir`
     and renamed into place, so a crash never leaves a half-written file under a final name.
     Returns `{name: {"train": path, "validation": path}}`.
+
+    `cloze=N > 0` also writes a multiple-choice cloze task per corpus for lm-evaluation-harness
+    (`dem_ray.data.cloze`): before anything else, N rows that make a cloze item are taken out
+    of each corpus (the first such rows in a `random.Random(seed)` shuffle of a copy), so they
+    are in neither split; the other rows then go through `max_docs` and the split as without
+    it.  Each held-out row's true continuation is offered among `cloze_choices` choices, the
+    others drawn from the other corpora's held-out continuations, so at least 2 corpora are
+    needed.  The task is `<out_dir>/cloze/cloze_<name>.yaml` (its items beside it, `.jsonl`),
+    returned as `result[name]["cloze"]`.
     """
     names = list(dict.fromkeys(names))  # drop repeats, keep order
     _check_names(names)
@@ -270,8 +281,27 @@ def build(
     if max_docs is not None and max_docs < 2:
         raise ValueError(f"max_docs must be at least 2, got {max_docs}")
     _check_fraction(validation_fraction)
+    if cloze < 0:
+        raise ValueError(f"cloze must be at least 0, got {cloze}")
+    if cloze and len(names) < 2:
+        raise ValueError(
+            "cloze tasks need at least 2 distinct corpus names (distractors come from the "
+            f"other corpora), got {len(names)}: {', '.join(names)}"
+        )
+    if cloze and cloze_choices < 2:
+        raise ValueError(f"cloze_choices must be at least 2, got {cloze_choices}")
     # Load everything first so a missing package fails the call before any file is written.
     loaded = {name: records(name) for name in names}
+    cloze_items: dict[str, list[Record]] = {}
+    if cloze:
+        from dem_ray.data import cloze as cloze_tasks
+
+        held_out = {}
+        for name, rows in loaded.items():
+            held, loaded[name] = _take_cloze_rows(name, rows, cloze, seed)
+            held_out[name] = (CORPORA[name].format, held)
+        # Made before anything is written, so that a corpus without distractors fails early.
+        cloze_items = cloze_tasks.make_cloze_items(held_out, cloze_choices, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, dict[str, Path]] = {}
@@ -297,7 +327,41 @@ def build(
                 "corpus %s: used %d of %d documents (max_docs=%d)", name, len(rows), total, max_docs
             )
         result[name] = paths
+    if cloze_items:
+        for name, path in cloze_tasks.write_cloze_tasks(cloze_items, out).items():
+            result[name]["cloze"] = path
+            logger.info("corpus %s cloze task: %d items -> %s", name, len(cloze_items[name]), path)
     return result
+
+
+def _take_cloze_rows(
+    name: str, rows: list[Record], n: int, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """(held-out, rest): the first `n` rows that make a cloze item in a `random.Random(seed)`
+    shuffle of `rows`, and the other rows in their original order."""
+    from dem_ray.data.cloze import cloze_item
+
+    if len(rows) < n + 2:
+        raise ValueError(
+            f"corpus {name!r} has {len(rows)} rows; cloze={n} needs at least {n + 2} "
+            f"({n} held out plus 2 for a train/validation split)"
+        )
+    fmt = CORPORA[name].format
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)  # the same permutation as shuffling a copy of rows
+    taken: list[int] = []
+    for i in order:
+        if cloze_item(fmt, rows[i]) is not None:
+            taken.append(i)
+            if len(taken) == n:
+                break
+    if len(taken) < n:
+        raise ValueError(
+            f"corpus {name!r}: only {len(taken)} of its {len(rows)} rows make a cloze item, "
+            f"cloze={n} asked for {n}"
+        )
+    held = set(taken)
+    return [rows[i] for i in taken], [r for i, r in enumerate(rows) if i not in held]
 
 
 # --------------------------------------------------------------------------------------------
