@@ -56,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-docs", type=int, default=None)
     build.add_argument("--validation-fraction", type=float, default=0.05)
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--cloze",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also hold out N rows per corpus as an lm-eval multiple-choice cloze task "
+        "(OUT/cloze/cloze_NAME.yaml); needs at least 2 corpora",
+    )
+    build.add_argument(
+        "--cloze-choices",
+        type=int,
+        default=4,
+        metavar="K",
+        help="choices per cloze item: the true continuation and K-1 from other corpora",
+    )
     corpora_sub.add_parser("list", help="the corpora this installation can build")
     return parser
 
@@ -148,33 +163,40 @@ def _parse_weights(text: str) -> dict[str, float]:
 
 
 def _print_summary(pipeline) -> None:
-    from dem_ray.report.render import ppl_table, tokens_note
+    from dem_ray.report.render import downstream_line, downstream_table, ppl_table, tokens_note
 
     report = pipeline.report()
     for split in ("validation", "test"):
-        rows = ppl_table(report, split=split)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         print()
         print(f"{split} perplexity (lower is better):")
-        for row in rows:
-            print(
-                "  "
-                + "  ".join(
-                    cell.rjust(w) if i else cell.ljust(w)
-                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-                )
-            )
+        _print_rows(ppl_table(report, split=split))
     if tokens_note(report):
         print(tokens_note(report))
+    rows = downstream_table(report)
+    if rows:
+        print()
+        print(f"downstream tasks: {downstream_line(report)}")
+        _print_rows(rows)
     print()
     print(report["summary"])
     weights = ", ".join(f"{k}={v:.3f}" for k, v in report["dem_weights"].items())
     print(f"merged weights: {weights}")
     if report["dem_weights"] != report["best_weights"]:
         best = ", ".join(f"{k}={v:.3f}" for k, v in report["best_weights"].items())
-        print(f"search's best:  {best} (the merged model has the weights you gave)")
+        why = ("the downstream rerank chose the merged weights"
+               if report.get("weights_source") == "rerank"
+               else "the merged model has the weights you gave")  # fmt: skip
+        print(f"search's best:  {best} ({why})")
     print(f"merged model: {report['artifacts']['merged_model']}")
     print(f"report:       {pipeline.show(pipeline.layout.report / 'report.md')}")
+
+
+def _print_rows(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.rjust(w) if i else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True)))  # fmt: skip
+        print("  " + "  ".join(cells))
 
 
 def _corpora(args) -> int:
@@ -194,12 +216,16 @@ def _corpora(args) -> int:
             max_docs=args.max_docs,
             validation_fraction=args.validation_fraction,
             seed=args.seed,
+            cloze=args.cloze,
+            cloze_choices=args.cloze_choices,
         )
     except (ValueError, corpora.CorpusUnavailable) as exc:
         print(f"dem-ray: error: {exc}", file=sys.stderr)
         return 2
     for name, splits in paths.items():
         print(f"{name}: {splits['train']} {splits['validation']}")
+        if "cloze" in splits:
+            print(f"{name} cloze task: {splits['cloze']}")
     return 0
 
 

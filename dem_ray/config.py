@@ -49,6 +49,7 @@ VectorDtype = Literal["float32", "bfloat16", "float16"]
 DataFormat = Literal["text", "chat", "prompt_completion"]
 PrepareEngine = Literal["auto", "local", "ray"]
 BaseKind = Literal["gguf", "dir", "hub"]
+DownstreamModel = Literal["base", "dem", "best_mixture", "specialists"]
 
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
@@ -56,6 +57,7 @@ SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 AUTOCAST: tuple[str, ...] = get_args(Autocast)
 VECTOR_DTYPES: tuple[str, ...] = get_args(VectorDtype)
 BASE_KINDS: tuple[str, ...] = get_args(BaseKind)
+DOWNSTREAM_MODELS: tuple[str, ...] = get_args(DownstreamModel)
 
 Role = Literal["result", "resource", "extent"]
 # What the README adds to the meaning of a key that does not change results.
@@ -676,6 +678,72 @@ class PrepareConfig(_Section):
     )
 
 
+class DownstreamConfig(_Section):
+    """Downstream tasks through lm-evaluation-harness: scored after merge (and the baseline),
+    and optionally the choice of the merged model among the search's best candidates."""
+
+    tasks: tuple[str, ...] = Field(
+        description="lm-eval task (or group) names, e.g. `arc_easy` (hub tasks need the "
+        "network), or local task YAML files (`*.yaml`, relative to the config file; "
+        "`dem-ray corpora build --cloze N` writes some)",
+        json_schema_extra=_meta(shown="required"),
+    )
+    num_fewshot: int = Field(0, ge=0, description="few-shot examples per prompt")
+    limit: int | None = Field(None, gt=0, description="examples per task (`null`: all of them)")
+    batch_size: int = Field(
+        8, gt=0, description="lm-eval's batch size", json_schema_extra=_meta(_RESOURCE)
+    )
+    models: tuple[DownstreamModel, ...] | None = Field(
+        None,
+        description="which models to score: `base`, `dem`, `best_mixture` (needs a `baseline` "
+        "section), `specialists` (every fine-tune)",
+        json_schema_extra=_meta(shown="all the run has"),
+    )
+    rerank_top: int = Field(
+        0,
+        ge=0,
+        description="> 0: score the search's N best candidates (by validation objective) on "
+        "the tasks, in the resident evaluators; the best by `rerank_metric` (mean over the "
+        "tasks) becomes the merged model",
+    )
+    rerank_metric: str = Field(
+        "acc",
+        min_length=1,
+        description="the lm-eval metric `rerank_top` ranks by (`acc`, `acc_norm`, "
+        "`exact_match`, ...; the task's own direction: higher or lower is better)",
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not value:
+            raise _Problem("'{key}' must be a non-empty list of lm-eval task names or task "
+                           "YAML files")  # fmt: skip
+        for i, task in enumerate(value):
+            if not isinstance(task, str) or not task.strip():
+                raise _Problem("'{key}' must be a task name or a YAML file, got {got}",
+                               below=f"[{i}]", got=_got(task))  # fmt: skip
+        if len(set(value)) != len(value):
+            raise _Problem("'{key}' lists a task twice")
+        return tuple(value)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise _Problem("'{key}' is empty; leave it out to score every model the run has")
+        return tuple(value) if isinstance(value, list) else value
+
+    def scored_models(self, has_baseline: bool) -> tuple[str, ...]:
+        """The model kinds to score, in the report's order."""
+        wanted = self.models or tuple(m for m in DOWNSTREAM_MODELS
+                                      if has_baseline or m != "best_mixture")  # fmt: skip
+        order = ("base", "specialists", "dem", "best_mixture")
+        return tuple(m for m in order if m in wanted)
+
+
 class CostConfig(_Section):
     """Prices that turn measured device-seconds into money, per kind of device."""
 
@@ -736,6 +804,7 @@ class RunConfig(_Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
     baseline: BaselineConfig | None = None
+    downstream: DownstreamConfig | None = None
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     # Not a key of the file: `parse_config` sets it, and it is left out of dumps.
@@ -838,6 +907,23 @@ class RunConfig(_Strict):
                     )
         full = tuple(tuple((n, dict(mix).get(n, 0.0)) for n in names) for mix in baseline.mixtures)
         return baseline.model_copy(update={"mixtures": full})
+
+    @model_validator(mode="after")
+    def _downstream_fits_the_run(self) -> RunConfig:
+        ds = self.downstream
+        if ds is None:
+            return self
+        if ds.models and "best_mixture" in ds.models and self.baseline is None:
+            raise _Problem("'downstream.models' lists best_mixture, but the config has no "
+                           "'baseline' section to make one; add it or drop best_mixture")  # fmt: skip
+        search = self.search
+        if ds.rerank_top and search.algorithm != "grid" and ds.rerank_top > search.num_trials:
+            raise _Problem(
+                "'downstream.rerank_top' ({top}) is larger than 'search.num_trials' ({n}): "
+                "there are not that many candidates to rerank",
+                top=ds.rerank_top, n=search.num_trials,
+            )  # fmt: skip
+        return self
 
 
 # ---- what a stage hashes -----------------------------------------------------------------

@@ -24,6 +24,7 @@ def stage_table_markdown() -> str:
             "vectors": "`vectors/<name>`",
             "baseline": "`baseline/<mixture id>`",
             "baseline_best": "`baseline`",
+            "downstream": "`downstream/<model>`",
         }.get(stage.name, f"`{stage.name}`")
         changes = "; ".join(f"**{name}**: {text}" for name, text in stage.invalidated_by.items())
         rows.append(f"| `{stage.command}` | {key} | {stage.outputs} | {changes} |")

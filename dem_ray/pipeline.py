@@ -83,6 +83,7 @@ class Pipeline:
         for name, ds in self.cfg.datasets.items():
             for path in filter(None, (ds.path, ds.validation_path, ds.test_path)):
                 readers.check_readable(resolve_data_path(path, self.config_dir), name)
+        tasks = self._check_downstream(space)
         self._lock = _acquire_lock(self.storage, command)
         self._commands_done = set()
         try:
@@ -94,6 +95,7 @@ class Pipeline:
                 recover_dir(path)
             self.ctx = RunContext(self.cfg, self.storage, manifest, space, self.config_dir,
                                   self.ray_address)  # fmt: skip
+            self.ctx.tasks = tasks
         except BaseException:
             _release_lock(self._lock)
             self._lock = None
@@ -126,6 +128,8 @@ class Pipeline:
                 self.run_command(before, force=False)
         if command == "baseline" and self.cfg.baseline is None:
             log.info("stage baseline: no 'baseline' section in the config; nothing to do")
+        if command == "downstream" and self.cfg.downstream is None:
+            log.info("stage downstream: no 'downstream' section in the config; nothing to do")
         self.ctx.options = {"force": force, **options}
         try:
             for stage in stages_of(command):
@@ -195,6 +199,25 @@ class Pipeline:
         path = self.layout.report / "report.json"
         self.storage.pull(path.relative_to(self.run_dir).as_posix())
         return json.loads(path.read_text())
+
+    def _check_downstream(self, space):
+        """The downstream tasks exist and can be read from here (a TaskSet, or None)."""
+        ds = self.cfg.downstream
+        if ds is None:
+            return None
+        from dem_ray.downstream.tasks import TaskError, resolve_tasks
+
+        log.info("downstream: checking the tasks %s", ", ".join(ds.tasks))
+        tasks = resolve_tasks(ds.tasks, self.config_dir, source=self.cfg.source)
+        if ds.rerank_top:
+            tasks.check_metric(ds.rerank_metric)
+            search = self.cfg.search
+            if search.algorithm == "grid" and ds.rerank_top > len(space.grid(search.grid_step)):
+                raise TaskError(
+                    f"{self.cfg.source}: 'downstream.rerank_top' ({ds.rerank_top}) is larger "
+                    f"than the grid's {len(space.grid(search.grid_step))} points"
+                )
+        return tasks
 
     def _check_run_dir(self) -> None:
         try:

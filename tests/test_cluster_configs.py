@@ -60,7 +60,9 @@ def test_launcher_shape(name):
         assert any(k.startswith("accelerator_type:") for k in worker["resources"])
     assert config["docker"]["image"] == IMAGE
     assert config["file_mounts"] == {"~/dem-ray": "."}
-    assert any("pip install" in c and "~/dem-ray" in c for c in config["setup_commands"])
+    assert any(
+        "pip install" in c and "$HOME/dem-ray[downstream]" in c for c in config["setup_commands"]
+    )
     assert "/mnt/dem" in " ".join(config["initialization_commands"])
     assert "-v /mnt/dem:/mnt/dem" in config["docker"]["run_options"]
     assert any("--head" in c for c in config["head_start_ray_commands"])
@@ -76,7 +78,7 @@ def test_gcp_gpu_nodes_have_accelerators():
 def test_dockerfile_uses_the_pinned_ray_image():
     text = (CLUSTER / "Dockerfile").read_text()
     assert re.search(r"^FROM (\S+)$", text, re.M).group(1) == IMAGE
-    assert "pip install --no-cache-dir -e /home/ray/dem-ray" in text
+    assert 'pip install --no-cache-dir -e "/home/ray/dem-ray[downstream]"' in text
 
 
 def test_raycluster_manifest():

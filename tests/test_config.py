@@ -17,6 +17,7 @@ from dem_ray.config import (
     ConfigError,
     CostConfig,
     DatasetConfig,
+    DownstreamConfig,
     EvaluatorConfig,
     FinetuneConfig,
     PrepareConfig,
@@ -688,6 +689,10 @@ ROLES = {
     BaselineConfig: {"result": {"grid_step", "mixtures", "steps", "keep_all"}},
     CostConfig: {"result": {"usd_per_gpu_hour", "usd_per_cpu_hour"}},
     PrepareConfig: {"resource": {"engine", "ray_min_mb", "batch_size", "num_cpus"}},
+    DownstreamConfig: {
+        "result": {"tasks", "num_fewshot", "limit", "models", "rerank_top", "rerank_metric"},
+        "resource": {"batch_size"},
+    },
 }
 
 

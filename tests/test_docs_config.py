@@ -13,6 +13,7 @@ from dem_ray.config import (
     BaselineConfig,
     CostConfig,
     DatasetConfig,
+    DownstreamConfig,
     EvaluatorConfig,
     FinetuneConfig,
     PrepareConfig,
@@ -32,6 +33,7 @@ MODELS: list[type[BaseModel]] = [
     SearchConfig,
     EvaluatorConfig,
     BaselineConfig,
+    DownstreamConfig,
     CostConfig,
     PrepareConfig,
 ]
@@ -65,6 +67,7 @@ def test_every_key_is_documented(model) -> None:
             "search",
             "evaluator",
             "baseline",
+            "downstream",
             "prepare",
             "cost",
         }
@@ -83,6 +86,7 @@ def test_table_lists_every_key_once_in_field_order() -> None:
         ("search", SearchConfig),
         ("evaluator", EvaluatorConfig),
         ("baseline", BaselineConfig),
+        ("downstream", DownstreamConfig),
         ("prepare", PrepareConfig),
         ("cost", CostConfig),
     ]:

@@ -21,6 +21,7 @@ import torch
 from dem_ray.core.merge import LazyTensors, ResidentMerge
 from dem_ray.core.perplexity import target_count, token_nll
 from dem_ray.data.shards import load_shard
+from dem_ray.downstream.tasks import TaskSet
 from dem_ray.models.base import check_model_dir, load_model
 from dem_ray.run.storage import RunPath, fetch
 
@@ -77,8 +78,10 @@ class Evaluator:
         self.device = device
         self.num_gpus = _gpus_held() if self.device == "cuda" else 0.0
         start = self._clock()
+        self.base_dir = fetch(base_dir)
+        self.trust_remote_code = trust_remote_code
         with explain_out_of_memory(self.device, "loading the base and the vectors"):
-            self.model = load_model(fetch(base_dir), self.device, trust_remote_code).eval()
+            self.model = load_model(self.base_dir, self.device, trust_remote_code).eval()
             self.merge = ResidentMerge(
                 self.model,
                 [LazyTensors(fetch(p)) for p in vector_paths],
@@ -98,6 +101,7 @@ class Evaluator:
         self.calls = 0
         self.merges = 0
         self._merged: tuple[float, ...] | None = None
+        self._tokenizer = None  # loaded on the first downstream call
 
     def evaluate(
         self, weights: list[float], part: int = 0, parts: int = 1, split: str = "validation"
@@ -127,16 +131,60 @@ class Evaluator:
         model) on `split`."""
         shards = self._split(split)
         start = self._clock()
+        model_dir = self._load_checkpoint(model_dir)
+        with explain_out_of_memory(self.device, f"scoring {model_dir}"):
+            return self._score(start, shards=shards)
+
+    def downstream(
+        self,
+        tasks: TaskSet,
+        settings: dict,
+        model_dir: str | RunPath | None = None,
+        weights: list[float] | None = None,
+    ) -> dict:
+        """lm-eval's scores on `tasks` of a checkpoint (`model_dir`) or of a candidate
+        (`weights`, merged in place as for `evaluate`): no model is written to disk.
+        `settings`: num_fewshot, limit, batch_size."""
+        from dem_ray.downstream.harness import evaluate_model
+
+        if (model_dir is None) == (weights is None):
+            raise ValueError("give exactly one of model_dir or weights")
+        start = self._clock()
+        if model_dir is not None:
+            self._load_checkpoint(model_dir)
+        else:
+            key = tuple(float(w) for w in weights)
+            if key != self._merged:
+                self._merged = None
+                with explain_out_of_memory(self.device, "merging a candidate"):
+                    self.merge.apply(weights)
+                self._merged = key
+                self.merges += 1
+        if self._tokenizer is None:  # every model of a run has the base's tokenizer
+            from transformers import AutoTokenizer  # as lm-eval loads it (no length override)
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                str(self.base_dir), trust_remote_code=self.trust_remote_code
+            )
+        tokenizer = self._tokenizer
+        with explain_out_of_memory(self.device, "scoring downstream tasks"), torch.no_grad():
+            result = evaluate_model(self.model, tokenizer, tasks, **settings)
+        spent = self._spent(start)
+        self.device_seconds += spent
+        self.calls += 1
+        return {**result, "device_seconds": spent, "wall_seconds": time.perf_counter() - start[0]}
+
+    def _load_checkpoint(self, model_dir: str | RunPath) -> Path:
+        """Another checkpoint's weights into the live model (the merge is no longer live)."""
         model_dir = fetch(model_dir)
         check_model_dir(model_dir, role="checkpoint")  # safetensors only, never pickles
-        files = sorted(model_dir.glob("*.safetensors"))
         state = {}
-        for path in files:
+        for path in sorted(model_dir.glob("*.safetensors")):
             state.update(LazyTensors(path))
         self._merged = None
-        with explain_out_of_memory(self.device, f"scoring {model_dir}"):
+        with explain_out_of_memory(self.device, f"loading {model_dir}"):
             self.merge.load_state(state)
-            return self._score(start, shards=shards)
+        return model_dir
 
     def info(self) -> dict:
         return {

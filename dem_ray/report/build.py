@@ -19,7 +19,8 @@ from dem_ray.core.perplexity import objective, perplexity
 from dem_ray.core.vectors import tensor_index
 from dem_ray.ray.search import full_objective, read_trials
 
-DEM_STAGES = ("finetune", "vectors", "search", "merge")
+# The rerank (with `downstream.rerank_top`) is part of choosing DEM's weights: DEM's cost.
+DEM_STAGES = ("finetune", "vectors", "search", "rerank", "merge")
 WITHIN = (0.01, 0.001)
 
 
@@ -66,11 +67,13 @@ def build_report(
     for stage in ("finetune", "vectors"):
         per = {n: price(manifest.entry(f"{stage}/{n}")["cost"]) for n in names}
         stage_cost[stage] = {**costs.total(per.values(), stage == "finetune"), "per_dataset": per}
-    for stage in ("search", "merge"):
+    for stage in ("search", "rerank", "merge"):
+        if manifest.entry(stage) is None or (stage == "rerank" and not _reranked(cfg)):
+            continue
         stage_cost[stage] = {**price(manifest.entry(stage)["cost"]),
                              "evaluations": manifest.entry(stage)["cost"].get("evaluations")}  # fmt: skip
     stage_cost["report"] = price(cost)
-    dem_cost = costs.total(stage_cost[s] for s in DEM_STAGES)
+    dem_cost = costs.total(stage_cost[s] for s in DEM_STAGES if s in stage_cost)
     report = {
         "run_dir": ctx.show(ctx.layout.root),
         "base_model": str(cfg.base_model),
@@ -79,6 +82,7 @@ def build_report(
         "formats": {n: cfg.datasets[n].format for n in names},
         "best_weights": best["weights"],  # the search's best
         "dem_weights": merged_weights,  # what the `dem` row scored: merge --weights wins
+        "weights_source": _weights_source(ctx, merged_weights, best["weights"]),
         "objective": {
             "name": kind,
             "value": objectives["dem"],
@@ -118,10 +122,55 @@ def build_report(
         _add_baseline(report, ctx, price)
     if cfg.search.compare_grid:
         _add_search_comparison(report, ctx)
+    if cfg.downstream is not None:
+        _add_downstream(report, ctx, price)
     if best.get("update") and best["update"]["updated"]:
         _add_update(report, ctx, best["update"])
     report["summary"] = summary_sentence(report)
     return report
+
+
+def _reranked(cfg) -> bool:
+    return cfg.downstream is not None and cfg.downstream.rerank_top > 0
+
+
+def _weights_source(ctx, merged: dict, best: dict) -> str:
+    """Who chose the merged weights: `search`, `rerank` (downstream tasks) or `given`."""
+    if _reranked(ctx.cfg) and merged == ctx.manifest.entry("rerank")["weights"]:
+        return "rerank"
+    return "search" if merged == best else "given"
+
+
+def _add_downstream(report: dict, ctx, price) -> None:
+    """lm-eval's scores per model, how they were made, and the rerank when there was one."""
+    from dem_ray.stages.downstream import scored_models
+
+    ds, manifest = ctx.cfg.downstream, ctx.manifest
+    entries = {label: manifest.entry(f"downstream/{label}") for label in scored_models(ctx)}
+    better: dict[str, dict] = {}
+    samples: dict[str, int] = {}
+    for entry in entries.values():
+        for task, metrics in entry["higher_is_better"].items():
+            better.setdefault(task, {}).update(metrics)
+        samples.update(entry["samples"])
+    rerank = None
+    if _reranked(ctx.cfg):
+        r = manifest.entry("rerank")
+        rerank = {
+            k: r.get(k) for k in ("top", "metric", "higher_is_better", "candidates", "chosen")
+        }
+    report["downstream"] = {label: e["scores"] for label, e in entries.items()}
+    report["downstream_info"] = {
+        "tasks": list(ctx.tasks.names),
+        "num_fewshot": ds.num_fewshot,
+        "limit": ds.limit,
+        "lm_eval_version": ctx.tasks.lm_eval_version,
+        "higher_is_better": better,
+        "samples": samples,
+        "rerank": rerank,
+    }
+    # Scoring the finished models is neither side's cost: its own line.
+    report["cost"]["downstream"] = costs.total(price(e["cost"]) for e in entries.values())
 
 
 def weights_sum(space, weights: dict[str, float]) -> dict[str, float]:

@@ -59,13 +59,15 @@ SPLITS_NOTE = (
 def cost_table(report: dict) -> list[list[str]]:
     rows = [["", "device-seconds", "wall seconds", "tokens trained", "tokens evaluated",
              "FLOPs", "USD"]]  # fmt: skip
-    labels = [*DEM_STAGES, "dem", "baseline", "report"]
+    labels = [*DEM_STAGES, "dem", "baseline", "report", "downstream"]
+    names = {"dem": "DEM total", "baseline": "baseline total",
+             "downstream": "downstream (not in either total)"}  # fmt: skip
     for label in labels:
         c = report["cost"].get(label)
         if c is None:
             continue
         rows.append([
-            {"dem": "DEM total", "baseline": "baseline total"}.get(label, label),
+            names.get(label, label),
             f"{c['device_seconds']:.1f}", f"{c['wall_seconds']:.1f}",
             str(int(c["tokens_trained"])), str(int(c["tokens_evaluated"])),
             f"{c['flops']:.3e}", f"{c['usd']:.4f}",
@@ -109,11 +111,14 @@ def html_table(rows: list[list[str]]) -> str:
 
 
 def _weights_text(report: dict) -> str:
-    """The merged model's weights, and the search's best when `merge --weights` chose others."""
+    """The merged model's weights, and the search's best when the rerank or `merge
+    --weights` chose others."""
     text = ", ".join(f"{k} = {v:.4f}" for k, v in report["dem_weights"].items())
     if report["dem_weights"] != report["best_weights"]:
         best = ", ".join(f"{k} = {v:.4f}" for k, v in report["best_weights"].items())
-        text += f" (given with `merge --weights`; the search's best: {best})"
+        how = ("chosen by the downstream rerank" if report.get("weights_source") == "rerank"
+               else "given with `merge --weights`")  # fmt: skip
+        text += f" ({how}; the search's best by validation: {best})"
     return text
 
 
@@ -124,6 +129,100 @@ def weights_lines(report: dict) -> list[str]:
     how = m["method"] + (f" (density {m['density']:g})" if m["method"] != "linear" else "")
     return [f"Merge method: {how}. Sum of the merged weights: {sums} (1 on the simplex; a "
             "larger sum steps further from the base than any one fine-tune)."]  # fmt: skip
+
+
+# ---- downstream tasks (lm-evaluation-harness) ---------------------------------------------
+def _fmt(value, digits: int = 3) -> str:
+    """A score as printed; the producer turns lm-eval's "N/A" into None."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _downstream_columns(report: dict) -> dict[str, list[str]]:
+    """Each task's metrics (stderrs left out) in first-seen order, so every model lines up."""
+    scores = report["downstream"]
+    tasks = (report.get("downstream_info") or {}).get("tasks") or list(
+        dict.fromkeys(t for per in scores.values() for t in per)
+    )
+    return {
+        task: list(dict.fromkeys(
+            m for per in scores.values() for m in per.get(task, {}) if not m.endswith("_stderr")
+        ))
+        for task in tasks
+    }  # fmt: skip
+
+
+def _cell(metrics: dict, metric: str) -> str:
+    """`value ± stderr`, the value alone when lm-eval gave no stderr."""
+    value = metrics.get(metric)
+    if value is None or f"{metric}_stderr" not in metrics:
+        return _fmt(value)
+    return f"{_fmt(value)} ± {_fmt(metrics[f'{metric}_stderr'])}"
+
+
+def downstream_table(report: dict) -> list[list[str]]:
+    """Rows of model and lm-eval score per task metric (↓: lower is better), and with more
+    than one task the mean of each task's first metric."""
+    if not report.get("downstream"):
+        return []
+    columns = _downstream_columns(report)
+    better = (report.get("downstream_info") or {}).get("higher_is_better") or {}
+    header = ["model"] + [
+        f"{task} {m}" + (" ↓" if better.get(task, {}).get(m) is False else "")
+        for task, metrics in columns.items() for m in metrics
+    ]  # fmt: skip
+    many = len(columns) > 1
+    rows = [header + ["mean"] * many]
+    for model, per in report["downstream"].items():
+        cells = [_cell(per.get(t, {}), m) for t, metrics in columns.items() for m in metrics]
+        firsts = [per.get(t, {}).get(ms[0]) if ms else None for t, ms in columns.items()]
+        mean = None if None in firsts else sum(firsts) / len(firsts)
+        rows.append([model, *cells] + [_fmt(mean)] * many)
+    return rows
+
+
+def downstream_line(report: dict) -> str:
+    """How the tasks were scored, so the numbers can be reproduced."""
+    info = report.get("downstream_info") or {}
+    limit = info.get("limit")
+    line = (
+        f"lm-evaluation-harness {info.get('lm_eval_version', '?')}, "
+        f"{info.get('num_fewshot', 0)}-shot, {limit or 'all'} examples per task"
+    )
+    samples = info.get("samples") or {}
+    if any(n != limit for n in samples.values()):  # fewer in the task, or no limit
+        line += " (scored: " + ", ".join(f"{t} {n}" for t, n in samples.items()) + ")"
+    return line + "."
+
+
+def rerank_table(report: dict) -> list[list[str]]:
+    """The search's best candidates with their task score; the merged one is marked."""
+    rerank = (report.get("downstream_info") or {}).get("rerank")
+    if not rerank:
+        return []
+    rows = [["trial", "weights", "validation objective", f"mean {rerank['metric']}", ""]]
+    for i, c in enumerate(rerank["candidates"]):
+        weights = ", ".join(f"{k}={v:.3f}" for k, v in c["weights"].items())
+        rows.append([str(c["trial"]), weights, _fmt(c["objective"], 4), _fmt(c["score"]),
+                     "merged" if i == rerank["chosen"] else ""])  # fmt: skip
+    return rows
+
+
+def rerank_lines(report: dict) -> list[str]:
+    """Why the merged weights may not be the search's best: tasks chose among its best few."""
+    rerank = (report.get("downstream_info") or {}).get("rerank")
+    if not rerank:
+        return []
+    tasks = ", ".join(_downstream_columns(report)) if report.get("downstream") else "the tasks"
+    line = (
+        f"The merged model was chosen among the search's {len(rerank['candidates'])} best "
+        f"candidates by validation objective, as the one with the best mean {rerank['metric']} "
+        f"over the tasks ({tasks})"
+    )
+    if rerank["chosen"] != 0:
+        line += (
+            f"; the search's best alone would have been trial {rerank['candidates'][0]['trial']}"
+        )
+    return [line + "."]
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
@@ -148,6 +247,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         "",
         " ".join(filter(None, [tokens_note(report), SPLITS_NOTE])),
         "",
+        *_downstream_markdown(report),
         "## Cost",
         "",
         markdown_table(cost_table(report)),
@@ -170,6 +270,29 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     for title, name in plots.items():
         parts += [f"## {title}", "", f"![{title}]({name})", ""]
     return "\n".join(parts)
+
+
+def _downstream_markdown(report: dict) -> list[str]:
+    """The downstream section's lines, none when the run scored no tasks."""
+    if not report.get("downstream"):
+        return []
+    parts = ["## Downstream tasks", "", downstream_line(report), "",
+             markdown_table(downstream_table(report)), ""]  # fmt: skip
+    if rerank_lines(report):
+        parts += [*rerank_lines(report), "", markdown_table(rerank_table(report)), ""]
+    return parts
+
+
+def _downstream_html(report: dict) -> str:
+    """The downstream section as HTML, empty when the run scored no tasks."""
+    if not report.get("downstream"):
+        return ""
+    text = f"<h2>Downstream tasks</h2><p>{html.escape(downstream_line(report))}</p>"
+    text += html_table(downstream_table(report))
+    if rerank_lines(report):
+        text += "".join(f"<p>{html.escape(x)}</p>" for x in rerank_lines(report))
+        text += html_table(rerank_table(report))
+    return text
 
 
 def render_html(report: dict, plots: dict[str, Path]) -> str:
@@ -208,7 +331,7 @@ img {{ max-width: 100%; }}
 {report["num_trials"]} trials): {html.escape(_weights_text(report))}.</p>
 <h2>Validation perplexity</h2>{html_table(ppl_table(report))}
 <h2>Test perplexity</h2>{html_table(ppl_table(report, "test"))}
-<p>{html.escape(" ".join(filter(None, [tokens_note(report), SPLITS_NOTE])))}</p>
+<p>{html.escape(" ".join(filter(None, [tokens_note(report), SPLITS_NOTE])))}</p>{_downstream_html(report)}
 <h2>Cost</h2>{html_table(cost_table(report))}
 {vectors}
 {"<h2>Search against the coefficient grid</h2>" + comparison if comparison else ""}
@@ -282,6 +405,26 @@ def plot_cost(report: dict, path: Path) -> None:
     _save(fig, plt, path)
 
 
+def plot_downstream(report: dict, path: Path) -> None:
+    """Bars per task of each model's first metric, with its stderr: the table at a glance."""
+    plt = _figure()
+    columns = {t: ms[0] for t, ms in _downstream_columns(report).items() if ms}
+    models = list(report["downstream"])
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(columns) * len(models) ** 0.5), 3.5), dpi=110)
+    for i, model in enumerate(models):
+        per = {t: report["downstream"][model].get(t, {}) for t in columns}
+        values = [math.nan if per[t].get(m) is None else per[t][m] for t, m in columns.items()]
+        errors = [per[t].get(f"{m}_stderr") or 0 for t, m in columns.items()]
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(columns))]
+        ax.bar(xs, values, width, yerr=errors, capsize=3, label=model)
+    ax.set_xticks(range(len(columns)), [f"{t}\n{m}" for t, m in columns.items()])
+    ax.set_ylabel("score")
+    ax.set_title("Downstream tasks (lm-evaluation-harness)")
+    ax.legend(fontsize="small")
+    _save(fig, plt, path)
+
+
 def write_report(report: dict, search_dir: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {"Search": out_dir / "search.png"}
@@ -299,10 +442,14 @@ def write_report(report: dict, search_dir: Path, out_dir: Path) -> list[Path]:
     if report.get("diagnostics") and len(report["datasets"]) > 1:
         plots["Vector similarity"] = out_dir / "similarity.png"
         plot_similarity(report["diagnostics"], plots["Vector similarity"])
+    if report.get("downstream"):
+        plots["Downstream scores"] = out_dir / "downstream.png"
+        plot_downstream(report, plots["Downstream scores"])
     for stale in (
         "search_compare.png",
         "cost.png",
         "similarity.png",
+        "downstream.png",
     ):  # an earlier report's, not this one's
         if out_dir / stale not in plots.values():
             (out_dir / stale).unlink(missing_ok=True)

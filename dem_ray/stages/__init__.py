@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dem_ray.stages.base import RunContext, Stage, StageError, Step
 from dem_ray.stages.baseline import BestMixtureStage, MixturesStage
+from dem_ray.stages.downstream import DownstreamStage, RerankStage
 from dem_ray.stages.finetune import FinetuneStage
 from dem_ray.stages.merge import MergeStage
 from dem_ray.stages.prepare import BaseStage, DataStage
@@ -18,18 +19,23 @@ STAGES: tuple[Stage, ...] = (
     VectorsStage(),
     SearchStage(),
     GridStage(),
+    RerankStage(),
     MergeStage(),
     MixturesStage(),
     BestMixtureStage(),
+    DownstreamStage(),
     ReportStage(),
 )
 COMMANDS: dict[str, str] = {
     "prepare": "materialize the base model and tokenize the datasets",
     "finetune": "one Ray Train fine-tune per dataset (prepares first if needed)",
     "vectors": "distribution vectors v_i = theta_i - theta_0",
-    "search": "Ray Tune + Optuna search of the coefficients (and the plain grid, if asked)",
+    "search": "Ray Tune + Optuna search of the coefficients (and the plain grid, and the "
+    "downstream rerank, if asked)",
     "merge": "write theta_0 + sum_i w_i v_i for the best (or given) weights",
     "baseline": "the data-mixing grid: one model per mixing ratio (prepares first if needed)",
+    "downstream": "lm-evaluation-harness tasks on the base, the fine-tunes, the merged model "
+    "and the best mixture",
     "report": "perplexity of every model on every dataset, and the cost",
 }
 # Commands that first bring these up to date themselves (never forced) instead of asking.

@@ -101,6 +101,7 @@ class RunContext:
         self.names = list(cfg.dataset_names)
         self.pool = EvaluatorPool(cfg.evaluator)
         self.options: dict[str, Any] = {}  # per-command options, e.g. merge --weights
+        self.tasks = None  # the downstream tasks (a TaskSet), resolved when the run opens
         self._listing = None  # the bucket's files, listed once per record
 
     # ---- paths ----------------------------------------------------------------------

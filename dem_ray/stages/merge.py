@@ -19,7 +19,8 @@ class MergeStage(Stage):
     command = "merge"
     outputs = "`merged/` (an HF model directory)"
     invalidated_by = {
-        "weights": "the weights merged: the search's best, or `dem-ray merge --weights`",
+        "weights": "the weights merged: the search's best (the rerank's choice with "
+        "`downstream.rerank_top`), or `dem-ray merge --weights`",
         "method": "`search.merge_method`, `density`, `dare_seed` and the space's block groups",
         "vectors": "the vectors",
         "base": "the prepared base",
@@ -60,7 +61,11 @@ class MergeStage(Stage):
 
 
 def best_weights(ctx: RunContext) -> dict[str, float]:
-    """The search's best, as its manifest entry records it (best.json for older runs)."""
+    """The search's best, as its manifest entry records it (best.json for older runs); with
+    `downstream.rerank_top`, the candidate the downstream tasks chose."""
+    ds = ctx.cfg.downstream
+    if ds is not None and ds.rerank_top:
+        return ctx.require("rerank", "search")["weights"]
     entry = ctx.require("search", "search")
     if "best_weights" in entry:
         return entry["best_weights"]

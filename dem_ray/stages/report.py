@@ -30,6 +30,7 @@ class ReportStage(Stage):
         "finetune": "the fine-tunes",
         "cost": "`cost.*` (the prices)",
         "comparison": "the baseline's records and the grid's trials, when the run has them",
+        "downstream": "the downstream scores and the rerank, when the run has them",
         "scoring": "the validation and test shards, the vectors, "
         "`evaluator.max_validation_sequences`, `evaluator.autocast`, `evaluator.vector_dtype`, "
         "`finetune.seed` (the rows sampled)",
@@ -44,12 +45,15 @@ class ReportStage(Stage):
         if ctx.cfg.search.compare_grid:
             ctx.require("search_grid", "search")
             comparison["grid"] = ctx.outputs_hash("search_grid")
+        downstream = {key: ctx.require(key, command)["inputs"]
+                      for key, command in downstream_keys(ctx)}  # fmt: skip
         inputs = {
             "merge": ctx.outputs_hash("merge"),
             "search": ctx.outputs_hash("search"),
             "finetune": [ctx.outputs_hash(f"finetune/{n}") for n in ctx.names],
             "cost": ctx.cfg.cost.model_dump(),
             "comparison": comparison,
+            "downstream": downstream,
             "scoring": scoring_inputs(ctx),
         }
         layout = ctx.layout
@@ -94,3 +98,14 @@ class ReportStage(Stage):
         paths = write_report(report, layout.search, layout.report)
         ctx.record(step, paths, cost=cost)
         log.info("report -> %s", ctx.show(layout.report))
+
+
+def downstream_keys(ctx: RunContext) -> list[tuple[str, str]]:
+    """(manifest key, command that makes it) of the downstream records the report shows."""
+    ds = ctx.cfg.downstream
+    if ds is None:
+        return []
+    from dem_ray.stages.downstream import scored_models
+
+    keys = [(f"downstream/{label}", "downstream") for label in scored_models(ctx)]
+    return keys + ([("rerank", "search")] if ds.rerank_top else [])

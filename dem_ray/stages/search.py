@@ -181,13 +181,22 @@ def _global_stage(ctx: RunContext, actors: list, inputs: str, fresh: bool) -> tu
                         ctx.layout.search, ctx.layout.ray_tune, trials_name=path.name,
                         inputs=f"{inputs}/global", fresh=fresh, evaluate_in=ctx.space,
                         **_tune_storage(ctx, path))  # fmt: skip
-    # The global stage's candidates, as this space's weights, for the report and the merge.
+    return _expanded(ctx, trials), cfg.model_copy(update={"num_trials": cfg.num_trials - n})
+
+
+def _expanded(ctx: RunContext, trials: list[dict]) -> list[dict]:
+    """The global stage's candidates, as this space's weights, for the report and the merge."""
     expanded = []
     for t in trials:
         weights = ctx.space.expand(t["weights"])
         expanded.append({**t, "weights": weights, "params": ctx.space.to_params(weights),
                          "stage": "global"})  # fmt: skip
-    return expanded, cfg.model_copy(update={"num_trials": cfg.num_trials - n})
+    return expanded
+
+
+def expanded_global_trials(ctx: RunContext) -> list[dict]:
+    """A two-stage search's global trials as read back from their log, expanded."""
+    return _expanded(ctx, read_trials(global_trials_path(ctx)))
 
 
 class GridStage(Stage):
