@@ -218,3 +218,25 @@ def test_html_renders_in_headless_chromium(compared, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert 'id="summary"' in dom.stdout and "DEM reached" in dom.stdout
+
+
+def test_downstream_scores_the_best_mixture_as_lm_eval_does(compared, tmp_path):
+    """Added to a finished run, the downstream section scores the best mixture (by default
+    with the others) and only the downstream and report stages run."""
+    pytest.importorskip("lm_eval")
+    from tests.test_downstream import BATCH, LIMIT, reference_scores, write_tasks
+
+    pipeline, raw = compared
+    tasks = write_tasks(tmp_path / "tasks")
+    raw = {**raw, "downstream": {"tasks": [str(tasks["mc"])], "limit": LIMIT, "batch_size": BATCH}}
+    scored = Pipeline(parse_config(raw))
+    scored.run()
+    assert set(scored.ran) == {
+        "downstream/base", "downstream/finetuned/numbers", "downstream/finetuned/letters",
+        "downstream/dem", "downstream/baseline/best", "report",
+    }  # fmt: skip
+    report = scored.report()
+    assert list(report["downstream"])[-1] == "baseline/best"
+    expected = reference_scores(scored.layout.best_mixture, [tasks["mc"]])
+    assert report["downstream"]["baseline/best"] == expected
+    assert "downstream" in report["cost"] and report["cost"]["reduction"] is not None

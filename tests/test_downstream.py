@@ -273,3 +273,15 @@ def test_rerank_metric_the_tasks_do_not_report(tiny_base, tiny_data, task_files,
         ConfigError, match="'exact_match', but task 'tiny_cloze' reports acc, acc_norm"
     ):
         _opens(raw, tmp_path)
+
+
+def test_rerank_choice_breaks_ties_by_the_validation_objective():
+    from dem_ray.stages.downstream import choose
+
+    scores = lambda *xs: [{"score": x} for x in xs]  # noqa: E731 - rows come best first
+    assert choose(scores(0.5, 0.7, 0.6), higher_is_better=True) == 1
+    assert choose(scores(0.5, 0.7, 0.6), higher_is_better=False) == 0
+    assert choose(scores(0.7, 0.7), higher_is_better=True) == 0
+    noisy = (1.0 + 0.525 + 0.4) / 3  # the same mean as 0.6416..., summed another way
+    assert noisy != (1.0 + 0.5 + 0.425) / 3
+    assert choose(scores((1.0 + 0.5 + 0.425) / 3, noisy), higher_is_better=True) == 0

@@ -20,12 +20,21 @@ from dem_ray.downstream.tasks import TaskSet, lm_eval_module, task_manager
 
 log = logging.getLogger(__name__)
 # What lm-eval says whenever it is handed a live model, which is what dem-ray means to do.
-EXPECTED_WARNINGS = ("`pretrained` model kwarg is not of type", "Passed an already-initialized")
+# (and that `downstream.num_fewshot` replaced a task's default, which the config asked for).
+EXPECTED_WARNINGS = (
+    "`pretrained` model kwarg is not of type",
+    "Passed an already-initialized",
+    "Overwriting default num_fewshot",
+)
+
+
+def _expected(line: str) -> bool:
+    return any(text in line for text in EXPECTED_WARNINGS)
 
 
 class _DropExpected(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(EXPECTED_WARNINGS)
+        return not _expected(str(record.msg))
 
 
 PROGRESS_BAR = re.compile(r"\d+%\||it/s\]|s/it\]")
@@ -70,7 +79,7 @@ def _progress_bars_dropped() -> Iterator[None]:
             yield
     finally:
         for line in re.split(r"[\r\n]+", captured.getvalue()):
-            if line.strip() and not PROGRESS_BAR.search(line):
+            if line.strip() and not PROGRESS_BAR.search(line) and not _expected(line):
                 log.warning("lm-eval: %s", line.strip())
 
 
@@ -103,9 +112,10 @@ def _counting_lm(model, tokenizer, batch_size: int):
     """`HFLM` over the live model, counting the tokens of every forward call."""
     from lm_eval.models.huggingface import HFLM
 
-    hf_log = logging.getLogger(HFLM.__module__)
-    if not any(isinstance(f, _DropExpected) for f in hf_log.filters):
-        hf_log.addFilter(_DropExpected())
+    for name in (HFLM.__module__, "lm_eval.evaluator"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):
+            logger.addFilter(_DropExpected())
 
     class CountingHFLM(HFLM):
         tokens_seen = 0

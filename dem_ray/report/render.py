@@ -254,8 +254,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         "",
         f"Device-seconds are GPU-seconds on GPUs and CPU core-seconds on CPUs, priced at "
         f"${report['prices']['usd_per_gpu_hour']}/GPU-hour and "
-        f"${report['prices']['usd_per_cpu_hour']}/CPU-hour. DEM's cost is its fine-tunes, "
-        "vectors, search and merge; the report's own scoring is listed apart.",
+        f"${report['prices']['usd_per_cpu_hour']}/CPU-hour. {_dem_cost_note(report)}",
         "",
     ]
     if "diagnostics" in report:
@@ -270,6 +269,14 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     for title, name in plots.items():
         parts += [f"## {title}", "", f"![{title}]({name})", ""]
     return "\n".join(parts)
+
+
+def _dem_cost_note(report: dict) -> str:
+    rerank = ", the rerank on the downstream tasks" if "rerank" in report["cost"] else ""
+    downstream = (", as is the downstream scoring of the finished models"
+                  if "downstream" in report["cost"] else "")  # fmt: skip
+    return (f"DEM's cost is its fine-tunes, vectors, search{rerank} and merge; the report's own "
+            f"scoring is listed apart{downstream}.")  # fmt: skip
 
 
 def _downstream_markdown(report: dict) -> list[str]:

@@ -192,9 +192,7 @@ class RerankStage(Stage):
             rows.append({"trial": trial["trial"], "stage": trial.get("stage", "search"),
                          "weights": trial["weights"], "objective": trial["objective"],
                          "score": score, "scores": result["scores"]})  # fmt: skip
-        # The best task score; a tie goes to the better validation objective (listed first).
-        sign = 1.0 if higher else -1.0
-        chosen = max(range(len(rows)), key=lambda i: (sign * rows[i]["score"], -i))
+        chosen = choose(rows, higher)
         record = {"top": ds.rerank_top, "metric": ds.rerank_metric, "higher_is_better": higher,
                   "candidates": rows,
                   "chosen": chosen, "weights": rows[chosen]["weights"]}  # fmt: skip
@@ -206,6 +204,14 @@ class RerankStage(Stage):
         log.info("rerank: candidate %d of %d (trial %s, mean %s %.4f) becomes the merged model",
                  chosen + 1, len(rows), rows[chosen]["trial"], ds.rerank_metric,
                  rows[chosen]["score"])  # fmt: skip
+
+
+def choose(rows: list[dict], higher_is_better: bool) -> int:
+    """The index of the best `score`; a tie goes to the better validation objective (the
+    rows come best first). Means of the same scores summed in another order differ in their
+    last bits: that is a tie too."""
+    sign = 1.0 if higher_is_better else -1.0
+    return max(range(len(rows)), key=lambda i: (round(sign * rows[i]["score"], 9), -i))
 
 
 def top_candidates(ctx: RunContext, count: int) -> list[dict]:
