@@ -224,7 +224,7 @@ def test_downstream_scores_the_best_mixture_as_lm_eval_does(compared, tmp_path):
     """Added to a finished run, the downstream section scores the best mixture (by default
     with the others) and only the downstream and report stages run."""
     pytest.importorskip("lm_eval")
-    from tests.test_downstream import BATCH, LIMIT, reference_scores, write_tasks
+    from test_downstream import BATCH, LIMIT, reference_scores, write_tasks
 
     pipeline, raw = compared
     tasks = write_tasks(tmp_path / "tasks")

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import stand_in_run
 from safetensors.torch import load_file
 
 from dem_ray.config import ConfigError, parse_config
 from dem_ray.core.merge import merge_to_dir
 from dem_ray.models.tiny import synthetic_corpus
 from dem_ray.pipeline import Pipeline
-from tests.conftest import stand_in_run
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -89,7 +89,7 @@ def reference_scores(model_dir: Path, task_files: list[Path]) -> dict:
 
 
 def downstream_config(tmp_path, base, data, tasks: list[Path], **downstream) -> dict:
-    from tests.conftest import tiny_config
+    from conftest import tiny_config
 
     raw = tiny_config(tmp_path / "run", base, data, search={"num_trials": 6, "max_concurrent": 1})
     raw["downstream"] = {"tasks": [str(p) for p in tasks], "limit": LIMIT,
