@@ -37,7 +37,7 @@ class _DropExpected(logging.Filter):
         return not _expected(str(record.msg))
 
 
-PROGRESS_BAR = re.compile(r"\d+%\||it/s\]|s/it\]")
+PROGRESS_BAR = re.compile(r"\d+%\||/s\]|s/it\]")  # tqdm: "50%|", "8.29it/s]", "? examples/s]"
 # Keys of an lm-eval task result that are not metrics.
 NOT_METRICS = frozenset({"alias", "name", "sample_len", "samples", " "})
 

@@ -169,8 +169,14 @@ def _add_downstream(report: dict, ctx, price) -> None:
         "samples": samples,
         "rerank": rerank,
     }
-    # Scoring the finished models is neither side's cost: its own line.
+    # Scoring the finished models is neither side's cost: its own line. Models scored in one
+    # run of the stage ran side by side: its wall time is that run's, not their sum.
     report["cost"]["downstream"] = costs.total(price(e["cost"]) for e in entries.values())
+    runs: dict[str, float] = {}
+    for e in entries.values():
+        run = e["cost"]["stage_run"]
+        runs[run["id"]] = max(runs.get(run["id"], 0.0), run["elapsed_seconds"])
+    report["cost"]["downstream"]["wall_seconds"] = sum(runs.values())
 
 
 def weights_sum(space, weights: dict[str, float]) -> dict[str, float]:

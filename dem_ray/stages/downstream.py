@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -116,6 +117,7 @@ class DownstreamStage(Stage):
         calls = [("downstream", {"tasks": tasks, "settings": task_settings(ctx),
                                  "model_dir": ctx.ref(s.payload["path"])}) for s in todo]  # fmt: skip
         start = time.perf_counter()
+        run_id = uuid.uuid4().hex
         pending = dict(zip(_spread(actors, calls), todo, strict=True))
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -124,6 +126,10 @@ class DownstreamStage(Stage):
             cost = _cost([result], start, ctx.pool.device)
             cost["device_seconds"] += startup  # loading the pool, charged to the first
             startup = 0.0
+            # Models score side by side on several actors: the wall time is the stage's, from
+            # its start until the last of this run lands (the report takes the max per run).
+            cost["wall_seconds"] = result["wall_seconds"]  # this model's own scoring
+            cost["stage_run"] = {"id": run_id, "elapsed_seconds": time.perf_counter() - start}
             ctx.record(step, [], cost=cost,
                        extra={"scores": result["scores"], "samples": result["samples"],
                               "higher_is_better": result["higher_is_better"]})  # fmt: skip
