@@ -212,10 +212,11 @@ class Pipeline:
         if ds.rerank_top:
             tasks.check_metric(ds.rerank_metric)
             search = self.cfg.search
-            if search.algorithm == "grid" and ds.rerank_top > len(space.grid(search.grid_step)):
+            points = len(space.grid(search.grid_step)) if search.algorithm == "grid" else None
+            if points is not None and ds.rerank_top > points:
                 raise TaskError(
                     f"{self.cfg.source}: 'downstream.rerank_top' ({ds.rerank_top}) is larger "
-                    f"than the grid's {len(space.grid(search.grid_step))} points"
+                    f"than the grid's {points} points"
                 )
         return tasks
 

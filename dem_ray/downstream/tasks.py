@@ -113,7 +113,7 @@ def resolve_tasks(specs: tuple[str, ...], config_dir: Path, source: str = "") ->
         for entry in leaves:
             _check_data(entry, name, where)
         digests[name] = hash_json([_entry_digest(e) for e in leaves])
-        metrics[name] = _metrics(manager.task_index[name], leaves)
+        metrics[name] = _metrics(manager.task_index[name])
         leaf_names[name] = tuple(e.name for e in leaves)
         names.append(name)
     if len(set(names)) != len(names):
@@ -130,7 +130,7 @@ DEFAULT_METRICS = {
 }
 
 
-def _metrics(entry, leaves: list) -> tuple[str, ...]:
+def _metrics(entry) -> tuple[str, ...]:
     """The metrics a task (or a group's aggregate) reports; () where the config cannot say."""
     cfg = entry.cfg or {}
     if entry.kind.name == "GROUP":

@@ -117,13 +117,8 @@ class Evaluator:
             raise ValueError(f"slice {part} of {parts} does not exist")
         shards = self._split(split)
         start = self._clock()
-        key = tuple(float(w) for w in weights)
         with explain_out_of_memory(self.device, "scoring a candidate"):
-            if key != self._merged:
-                self._merged = None  # a failed apply must not leave stale weights marked live
-                self.merge.apply(weights)
-                self._merged = key
-                self.merges += 1
+            self._set_weights(weights)
             return self._score(start, part, parts, shards)
 
     def evaluate_checkpoint(self, model_dir: str | RunPath, split: str = "validation") -> dict:
@@ -153,13 +148,8 @@ class Evaluator:
         if model_dir is not None:
             self._load_checkpoint(model_dir)
         else:
-            key = tuple(float(w) for w in weights)
-            if key != self._merged:
-                self._merged = None
-                with explain_out_of_memory(self.device, "merging a candidate"):
-                    self.merge.apply(weights)
-                self._merged = key
-                self.merges += 1
+            with explain_out_of_memory(self.device, "merging a candidate"):
+                self._set_weights(weights)
         if self._tokenizer is None:  # every model of a run has the base's tokenizer
             from transformers import AutoTokenizer  # as lm-eval loads it (no length override)
 
@@ -173,6 +163,15 @@ class Evaluator:
         self.device_seconds += spent
         self.calls += 1
         return {**result, "device_seconds": spent, "wall_seconds": time.perf_counter() - start[0]}
+
+    def _set_weights(self, weights: list[float]) -> None:
+        """Merge `weights` into the live model, unless they are live already."""
+        key = tuple(float(w) for w in weights)
+        if key != self._merged:
+            self._merged = None  # a failed apply must not leave stale weights marked live
+            self.merge.apply(weights)
+            self._merged = key
+            self.merges += 1
 
     def _load_checkpoint(self, model_dir: str | RunPath) -> Path:
         """Another checkpoint's weights into the live model (the merge is no longer live)."""

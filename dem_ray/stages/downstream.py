@@ -76,11 +76,11 @@ def _spread(actors: list, calls: list) -> list:
     ]
 
 
-def _cost(results: list[dict], start: float, device: str) -> dict:
+def _cost(results: list[dict], wall_seconds: float, device: str) -> dict:
     return {
         "device_seconds": sum(r["device_seconds"] for r in results),
         "tokens_evaluated": sum(r["tokens"] for r in results),
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": wall_seconds,
         "device": device,
     }
 
@@ -123,12 +123,11 @@ class DownstreamStage(Stage):
             [ref], _ = ray.wait(list(pending), num_returns=1)
             step = pending.pop(ref)
             result = ray.get(ref)
-            cost = _cost([result], start, ctx.pool.device)
+            cost = _cost([result], result["wall_seconds"], ctx.pool.device)  # its own scoring
             cost["device_seconds"] += startup  # loading the pool, charged to the first
             startup = 0.0
-            # Models score side by side on several actors: the wall time is the stage's, from
-            # its start until the last of this run lands (the report takes the max per run).
-            cost["wall_seconds"] = result["wall_seconds"]  # this model's own scoring
+            # Models score side by side on several actors: the stage's wall time runs from its
+            # start until the last of this run lands (the report takes the max per run).
             cost["stage_run"] = {"id": run_id, "elapsed_seconds": time.perf_counter() - start}
             ctx.record(step, [], cost=cost,
                        extra={"scores": result["scores"], "samples": result["samples"],
@@ -203,7 +202,7 @@ class RerankStage(Stage):
                   "candidates": rows,
                   "chosen": chosen, "weights": rows[chosen]["weights"]}  # fmt: skip
         write_text_atomic(rerank_path(ctx), json.dumps(record, indent=2))
-        cost = _cost(results, start, ctx.pool.device)
+        cost = _cost(results, time.perf_counter() - start, ctx.pool.device)
         cost["device_seconds"] += startup
         cost["evaluations"] = len(rows)
         ctx.record(step, [rerank_path(ctx)], cost=cost, extra=record)
