@@ -380,3 +380,26 @@ def gib(nbytes: float) -> float:
 
 def gbps(nbytes: float, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else math.nan
+
+
+def search_inputs(args, scratch: Path, rows_per_dataset: int):
+    """A base, `args.k` random vectors and one validation shard per dataset of
+    `rows_per_dataset` rows of stdlib text, on disk: what a search benchmark's pool loads."""
+    from dem_ray.core.vectors import save_tensors
+    from dem_ray.models.base import load_model, load_tokenizer
+
+    base = base_dir(args.size, args.cache_dir, scratch)
+    shapes = unique_shapes(load_model(base))
+    names = [f"d{i}" for i in range(args.k)]
+    vectors = []
+    for i, name in enumerate(names):
+        path = scratch / "vectors" / f"{name}.safetensors"
+        save_tensors(dict(RandomVectors(shapes, seed=args.seed + i)), path)
+        vectors.append(path)
+    rows = validation_rows(load_tokenizer(base), rows_per_dataset * args.k, args.seq_len)
+    shards = {}
+    for i, name in enumerate(names):
+        shards[name] = scratch / "data" / f"{name}.validation.safetensors"
+        part = rows[i * rows_per_dataset : (i + 1) * rows_per_dataset].to(torch.int32)
+        save_tensors({"input_ids": part}, shards[name])  # the shard format: int32 ids
+    return base, vectors, shards

@@ -12,8 +12,8 @@ log-perplexity (dem_ray.core.perplexity.objective, "macro"), lower is better.
         stick-breaking parameters as dem_ray.core.spaces.Space.to_weights; per seed, the
         evaluations until an objective <= G x 1.01 ("within 1%") and <= G x 1.001
         ("within 0.1%"); median over seeds.
-  Tune arms: the product's own search (dem_ray.ray.search.run_search: Ray Tune, OptunaSearch
-        TPE, one evaluator actor, one trial at a time), without and with ASHA
+  Tune arms: the product's own search (dem_ray.ray.search.run_search: Ray Tune's
+        OptunaSearch TPE, one evaluator actor, one trial at a time), without and with ASHA
         (search.scheduler: asha, validation shards scored in slices); per seed, the
         evaluations and the validation tokens spent until a fully scored trial is within
         1% / 0.1% of G, and the best after the whole budget. Early-stopped trials count
@@ -206,7 +206,7 @@ def run_k(args, k: int, step: float, root: Path, device: torch.device) -> dict:
 
 
 def tune_arms(args, problem: dict, space, grid_best: float) -> dict:
-    """TPE through the product's Tune search, without and with ASHA, on the same problem."""
+    """TPE through the product's search, without and with ASHA, on the same problem."""
     import ray
 
     from dem_ray.config import SearchConfig
@@ -239,7 +239,7 @@ def tune_arms(args, problem: dict, space, grid_best: float) -> dict:
                     )
                     out = Path(tmp) / f"{scheduler}-{seed}"
                     with bc.stdout_to_stderr():
-                        trials = run_search(cfg, space, pool, out, Path(tmp) / "tune")
+                        trials = run_search(cfg, space, pool, out)
                     arms[scheduler].append(arm_figures(trials, grid_best, seed))
                     log.info("Tune TPE seed %d, scheduler %s: %s", seed, scheduler,
                              arms[scheduler][-1])  # fmt: skip
@@ -282,7 +282,7 @@ def print_tune_arms(args, results: list[dict]) -> None:
         print("\nTune arms not run (--tune-seeds 0)")
         return
     print(
-        f"\nthe product's search (Ray Tune + OptunaSearch TPE, one trial at a time, budget "
+        f"\nthe product's search (OptunaSearch TPE, one trial at a time, budget "
         f"{args.tune_budget} trials) without and with ASHA ({args.slices} validation slices, "
         f"reduction factor {args.reduction_factor}); medians over {args.tune_seeds} seeds; "
         "tokens = validation tokens scored until the first fully scored trial within\n"

@@ -6,7 +6,7 @@ running Python's stdlib source, through a pool of one evaluator actor. It runs i
 legs on the same pool: the first `--first` trials, then a resumed search (the kept
 trials are not re-run) up to `--trials`. After each leg the evaluator actor's resident
 memory (RSS of its process) is read, so a leak per candidate shows as growth between
-the two figures; trials per second covers the whole path (Tune, the actor call, the
+the two figures; trials per second covers the whole path (the sampler, the actor call, the
 in-place merge, the forward passes, the trial record).
 
     python benchmarks/search_load.py --size tiny --trials 300 --first 30 --concurrent 4
@@ -21,36 +21,13 @@ from pathlib import Path
 
 import _common as bc
 import ray
-import torch
 
 from dem_ray.config import SearchConfig
 from dem_ray.core.spaces import load_space
-from dem_ray.core.vectors import save_tensors
-from dem_ray.models.base import load_model, load_tokenizer
 from dem_ray.ray.evaluator import start_pool
 from dem_ray.ray.search import read_trials, run_search
 
 log = bc.log
-
-
-def build_inputs(args, scratch: Path) -> tuple[Path, list[Path], dict[str, Path]]:
-    """A base, k random vectors and one validation shard per dataset, on disk."""
-    base = bc.base_dir(args.size, args.cache_dir, scratch)
-    model = load_model(base)
-    shapes = bc.unique_shapes(model)
-    names = [f"d{i}" for i in range(args.k)]
-    vectors = []
-    for i, name in enumerate(names):
-        path = scratch / "vectors" / f"{name}.safetensors"
-        save_tensors(dict(bc.RandomVectors(shapes, seed=args.seed + i)), path)
-        vectors.append(path)
-    rows = bc.validation_rows(load_tokenizer(base), args.rows * args.k, args.seq_len)
-    shards = {}
-    for i, name in enumerate(names):
-        shards[name] = scratch / "data" / f"{name}.validation.safetensors"
-        part = rows[i * args.rows : (i + 1) * args.rows].to(torch.int32)  # the shard format
-        save_tensors({"input_ids": part}, shards[name])
-    return base, vectors, shards
 
 
 def main() -> None:
@@ -68,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="search-load-") as tmp:
         scratch = Path(tmp)
         with bc.stdout_to_stderr():
-            base, vectors, shards = build_inputs(args, scratch)
+            base, vectors, shards = bc.search_inputs(args, scratch, args.rows)
             ray.init(address="local", num_cpus=max(2, args.concurrent + 1),
                      include_dashboard=False, log_to_driver=False,
                      _temp_dir=f"/tmp/sl-{os.getpid()}")  # fmt: skip
@@ -100,13 +77,13 @@ def run_load(args, device, base: Path, vectors: list[Path], shards: dict, scratc
     }
     pool = start_pool(1, kwargs, cpus=0.5)
     space = load_space("simplex", list(shards))
-    out, storage = scratch / "search", scratch / "ray_tune"
+    out = scratch / "search"
     legs = {}
     for label, count in (("first", args.first), ("all", args.trials)):
         cfg = SearchConfig(algorithm="random", num_trials=count,
                            max_concurrent=args.concurrent, seed=args.seed)  # fmt: skip
         start = time.perf_counter()
-        run_search(cfg, space, pool, out, storage, inputs="load", fresh=label == "first")
+        run_search(cfg, space, pool, out, inputs="load", fresh=label == "first")
         info = ray.get(pool[0].info.remote())
         legs[label] = {"seconds": time.perf_counter() - start, "rss": info["rss_bytes"]}
         log.info("after %d trials: evaluator RSS %.1f MiB", count, info["rss_bytes"] / 2**20)

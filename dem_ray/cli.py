@@ -82,9 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # Tune's TensorBoard logger renames every per-block weight key ('code@head') at INFO,
-    # once per trial and key: noise, not progress.
-    logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     try:
         if args.command == "corpora":
             return _corpora(args)
@@ -134,7 +131,7 @@ def _run_stages(args, config) -> int:
     from dem_ray.stages import COMMANDS
 
     pipeline = Pipeline(config, ray_address=args.ray_address, verify=args.verify)
-    # Ray and Tune print progress to stdout; keep stdout for what the command answers.
+    # Ray prints progress to stdout; keep stdout for what the command answers.
     with contextlib.redirect_stdout(sys.stderr):
         if args.command == "run":
             pipeline.run(tuple(COMMANDS), force=args.force)
@@ -163,7 +160,13 @@ def _parse_weights(text: str) -> dict[str, float]:
 
 
 def _print_summary(pipeline) -> None:
-    from dem_ray.report.render import downstream_line, downstream_table, ppl_table, tokens_note
+    from dem_ray.report.render import (
+        downstream_line,
+        downstream_table,
+        ppl_table,
+        throughput_lines,
+        tokens_note,
+    )
 
     report = pipeline.report()
     for split in ("validation", "test"):
@@ -179,6 +182,8 @@ def _print_summary(pipeline) -> None:
         _print_rows(rows)
     print()
     print(report["summary"])
+    for line in throughput_lines(report):
+        print(line)
     weights = ", ".join(f"{k}={v:.3f}" for k, v in report["dem_weights"].items())
     print(f"merged weights: {weights}")
     if report["dem_weights"] != report["best_weights"]:

@@ -426,8 +426,13 @@ class SearchConfig(_Section):
         description="candidates evaluated (ignored by `grid`, which visits every grid point)",
         json_schema_extra=_meta(_EXTENT),
     )
-    max_concurrent: int = Field(
-        2, gt=0, description="trials in flight at once", json_schema_extra=_meta(_RESOURCE)
+    max_concurrent: int | None = Field(
+        None,
+        gt=0,
+        description="candidates in flight at once (`null`: 2 x `evaluator.num_actors`, so each "
+        "actor has the next one queued while it scores the current one; fewer than "
+        "`num_actors` leaves actors idle, many more gives the sampler less to learn from)",
+        json_schema_extra=_meta(_RESOURCE, shown="2 per evaluator actor"),
     )
     seed: int = Field(0, description="the sampler's seed")
     objective: Objective = Field(
@@ -459,8 +464,8 @@ class SearchConfig(_Section):
     scheduler: Scheduler = Field(
         "none",
         description="`asha`: multi-fidelity search; each trial scores the validation shards in "
-        "`slices` slices and reports the running objective after each, and Ray Tune's ASHA "
-        "stops candidates that trail the others early. Only fully scored trials can be the "
+        "`slices` slices and reports the running objective after each, and ASHA (Ray Tune's "
+        "rule) stops candidates that trail the others early. Only fully scored trials can be the "
         "best; stopped ones are kept in `trials.jsonl` with `complete: false`",
     )
     slices: int = Field(
@@ -525,7 +530,10 @@ class EvaluatorConfig(_Placed):
         json_schema_extra=_meta(_RESOURCE),
     )
     cpus_per_actor: float = Field(
-        1.0, gt=0, description="CPUs per actor", json_schema_extra=_meta(_RESOURCE)
+        1.0,
+        gt=0,
+        description="CPUs per actor; on CPU also its torch threads (see `torch_threads`)",
+        json_schema_extra=_meta(_RESOURCE),
     )
     batch_size: int = Field(
         8, gt=0, description="validation rows per forward pass", json_schema_extra=_meta(_RESOURCE)
@@ -544,7 +552,7 @@ class EvaluatorConfig(_Placed):
         None,
         gt=0,
         description="`torch.set_num_threads` in each actor",
-        json_schema_extra=_meta(_RESOURCE),
+        json_schema_extra=_meta(_RESOURCE, shown="on CPU, the actor's whole CPUs (at least 1)"),
     )
     autocast: Autocast = Field(
         "none",

@@ -136,6 +136,20 @@ def test_search_load(tmp_path):
     assert figures["rss_all_bytes"] <= 1.10 * figures["rss_first_bytes"]
 
 
+def test_search_overhead(tmp_path):
+    out = tmp_path / "so.json"
+    args = ["--size", "tiny", "--threads", "1", "--actors", "1", "--trials", "6", "--skip", "1"]
+    args += ["--rows", "1,2", "--seq-len", "32", "--repeats", "1"]
+    done = run("search_overhead.py", *args, "--json", str(out), tmp_path=tmp_path)
+    for figure in ("fixed ms/trial (a)", "per-token ratio", "min utilisation", "a - merge"):
+        assert figure in done.stdout, figure
+    figures = json.loads(out.read_text())
+    assert [leg["rows"] for leg in figures["legs"]] == [1, 2]
+    for leg in figures["legs"]:
+        assert leg["tokens_per_trial"] > 0 and all(0 < u <= 1 for u in leg["utilisation"])
+    assert figures["legs"][1]["tokens_per_trial"] == 2 * figures["legs"][0]["tokens_per_trial"]
+
+
 def test_noop_run(tmp_path):
     out = tmp_path / "noop.json"
     done = run("noop_run.py", "--size", "tiny", "--repeats", "1", "--cache-dir", str(tmp_path),

@@ -47,9 +47,7 @@ def test_evaluator_killed_mid_search_is_restarted_and_the_trial_retried(ray_sess
 
     def search() -> None:
         try:
-            outcome["trials"] = run_search(
-                pipeline.cfg.search, pipeline.ctx.space, pool, out, pipeline.run_dir / "ray_tune"
-            )
+            outcome["trials"] = run_search(pipeline.cfg.search, pipeline.ctx.space, pool, out)
         except BaseException as exc:  # noqa: BLE001 - inspected below
             outcome["error"] = exc
 

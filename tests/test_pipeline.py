@@ -190,9 +190,7 @@ def test_grid_search_visits_every_grid_point(finished, make_config, tiny_base, t
                                    search={"algorithm": "grid", "grid_step": 0.5}))  # fmt: skip
     space = load_space("simplex", pipeline.names)
     out = pipeline.run_dir / "grid-test"
-    trials = run_search(
-        cfg.search, space, pipeline.evaluators(), out, pipeline.run_dir / "ray_tune"
-    )
+    trials = run_search(cfg.search, space, pipeline.evaluators(), out)
     seen = sorted(tuple(t["weights"][n] for n in pipeline.names) for t in trials)
     assert seen == sorted(tuple(p[n] for n in pipeline.names) for p in space.grid(0.5))
     assert len(seen) == 6
@@ -214,9 +212,7 @@ def test_other_samplers_run_and_stay_on_the_simplex(
     cfg = parse_config(raw)
     space = load_space("simplex", pipeline.names)
     out = pipeline.run_dir / f"{algorithm}-test"
-    trials = run_search(
-        cfg.search, space, pipeline.evaluators(), out, pipeline.run_dir / "ray_tune"
-    )
+    trials = run_search(cfg.search, space, pipeline.evaluators(), out)
     assert len(trials) == 3
     for trial in trials:
         assert sum(trial["weights"].values()) == pytest.approx(1.0, abs=1e-9)
@@ -237,7 +233,7 @@ def test_asha_stops_hopeless_candidates_and_keeps_the_record_consistent(
     space = load_space("simplex", pipeline.names)
     pool = pipeline.evaluators()
     out = pipeline.run_dir / "asha-test"
-    trials = run_search(cfg.search, space, pool, out, pipeline.run_dir / "ray_tune")
+    trials = run_search(cfg.search, space, pool, out)
 
     assert len(trials) == 10
     assert len({t["trial_id"] for t in trials}) == 10

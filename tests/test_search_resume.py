@@ -53,7 +53,7 @@ def with_fields(cfg, **changes):
 
 
 def search(cfg, pool, out: Path, fresh: bool = False) -> list[dict]:
-    return run_search(cfg, SPACE, pool, out, out.parent / "ray_tune", inputs=INPUTS, fresh=fresh)
+    return run_search(cfg, SPACE, pool, out, inputs=INPUTS, fresh=fresh)
 
 
 def calls(pool) -> int:
@@ -140,7 +140,7 @@ def stall():
     if len((out / "trials.jsonl").read_text().splitlines()) >= spec["kill_after"]:
         time.sleep(600)
 
-run_search(SearchConfig(**spec["search"]), space, pool, out, Path(spec["storage"]),
+run_search(SearchConfig(**spec["search"]), space, pool, out,
            inputs=spec["inputs"], fresh=False, after_write=stall)
 """
 
@@ -162,7 +162,6 @@ def test_driver_killed_mid_search_resumes_without_repeating_a_candidate(
                 "names": list(NAMES),
                 "search": fields,
                 "out": str(out),
-                "storage": str(tmp_path / "ray_tune_killed"),
                 "inputs": INPUTS,
                 "kill_after": 8,
             }

@@ -69,13 +69,14 @@ class Evaluator:
     ) -> None:
         """`merge_spec`: ResidentMerge's method keywords (method, density, dare_seed,
         groups, names); the vectors are prepared for the method once, here."""
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
         if device is None:  # a GPU when Ray gave this actor one (or, outside Ray, when present)
             use_cuda = torch.cuda.is_available() and (gpu_ids or not ray.is_initialized())
             device = "cuda" if use_cuda else "cpu"
         self.device = device
+        threads = torch_threads or (_cpus_held() if device == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.num_gpus = _gpus_held() if self.device == "cuda" else 0.0
         start = self._clock()
         self.base_dir = fetch(base_dir)
@@ -97,6 +98,8 @@ class Evaluator:
         self.autocast = None if autocast == "none" else getattr(torch, autocast)
         self.load_device_seconds = self._spent(start)  # part of the search's cost
         self.device_seconds = 0.0
+        self.busy_seconds = 0.0  # wall time spent in evaluate (the search's utilisation)
+        self.merge_seconds = 0.0  # of which merging candidates into the live weights
         self.tokens = 0
         self.calls = 0
         self.merges = 0
@@ -118,8 +121,8 @@ class Evaluator:
         shards = self._split(split)
         start = self._clock()
         with explain_out_of_memory(self.device, "scoring a candidate"):
-            self._set_weights(weights)
-            return self._score(start, part, parts, shards)
+            merged = self._set_weights(weights)
+            return {**self._score(start, part, parts, shards), "merge_seconds": merged}
 
     def evaluate_checkpoint(self, model_dir: str | RunPath, split: str = "validation") -> dict:
         """Score another checkpoint of the same architecture (a specialist, the merged
@@ -164,14 +167,22 @@ class Evaluator:
         self.calls += 1
         return {**result, "device_seconds": spent, "wall_seconds": time.perf_counter() - start[0]}
 
-    def _set_weights(self, weights: list[float]) -> None:
-        """Merge `weights` into the live model, unless they are live already."""
+    def _set_weights(self, weights: list[float]) -> float:
+        """Merge `weights` into the live model, unless they are live already; the wall
+        seconds the merge took (0 when they were live)."""
         key = tuple(float(w) for w in weights)
-        if key != self._merged:
-            self._merged = None  # a failed apply must not leave stale weights marked live
-            self.merge.apply(weights)
-            self._merged = key
-            self.merges += 1
+        if key == self._merged:
+            return 0.0
+        start = self._clock()
+        self._merged = None  # a failed apply must not leave stale weights marked live
+        self.merge.apply(weights)
+        self._merged = key
+        self.merges += 1
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        spent = time.perf_counter() - start[0]
+        self.merge_seconds += spent
+        return spent
 
     def _load_checkpoint(self, model_dir: str | RunPath) -> Path:
         """Another checkpoint's weights into the live model (the merge is no longer live)."""
@@ -191,11 +202,14 @@ class Evaluator:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "device_seconds": self.device_seconds,
+            "busy_seconds": self.busy_seconds,
+            "merge_seconds": self.merge_seconds,
             "load_device_seconds": self.load_device_seconds,
             "tokens": self.tokens,
             "calls": self.calls,
             "merges": self.merges,
             "rss_bytes": _rss_bytes(),
+            "torch_threads": torch.get_num_threads(),
             "validation_tokens": {n: s.targets for n, s in self.shards.items()},
             "test_tokens": {n: s.targets for n, s in self.test_shards.items()},
         }
@@ -242,7 +256,9 @@ class Evaluator:
         self.device_seconds += spent
         self.tokens += tokens
         self.calls += 1
-        return {"nll": nll, "device_seconds": spent, "tokens": tokens}
+        busy = time.perf_counter() - start[0]  # merge and forward, wall clock
+        self.busy_seconds += busy
+        return {"nll": nll, "device_seconds": spent, "tokens": tokens, "wall_seconds": busy}
 
     def _clock(self) -> tuple[float, float]:
         if self.device == "cuda":
@@ -294,6 +310,16 @@ def _gpus_held() -> float:
         return 1.0
     held = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
     return float(held) or 1.0
+
+
+def _cpus_held() -> int | None:
+    """The CPUs Ray gave this actor, as torch threads (at least 1); None outside an actor,
+    where torch keeps its own default. Without this an actor runs as many threads as the node
+    has cores (or Ray's OMP_NUM_THREADS), whatever share of them it holds."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None  # not an actor (a plain Evaluator in the driver): leave torch alone
+    held = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    return max(1, int(held))
 
 
 def _rss_bytes() -> int:

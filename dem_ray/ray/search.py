@@ -1,10 +1,20 @@
-"""Ray Tune over the coefficient space: Optuna samplers, or the plain coefficient grid.
+"""The coefficient search: Optuna samplers (ask and tell) or the plain grid, over the
+evaluator pool.
 
-Trials are light clients of the evaluator pool: a trial turns its parameters into
-weights, asks one evaluator actor for per-dataset NLL, and reports the objective.
-A driver-side callback appends every finished trial to `trials.jsonl` (flushed and
-fsync'd; the log itself is `dem_ray.run.trials`), so a driver killed mid-search loses
-only the trials in flight.
+The driver asks the sampler for a candidate, sends it to the least-loaded evaluator
+actor (`dem_ray.ray.dispatch`), and tells the sampler the objective when it comes
+back. Up to `search.max_concurrent` candidates are in flight (default two per actor),
+so every actor has the next one queued while it scores the current one: no actor waits
+on the driver. Optuna is driven through Ray Tune's `OptunaSearch` (its resume hints and
+its study), without Tune's trial machinery. Through Tune (`tuner.fit()`, one function
+trainable per trial, routed by trial index), `benchmarks/search_overhead.py` measured
+about 40 ms of fixed cost per trial with one actor and 4.4 s with two, where Tune started
+a new worker process for nearly every trial; this loop measures 14-17 ms, the merge
+included, and starts none. ASHA is Tune's rule over the trial's validation slices
+(`dem_ray.run.asha`).
+
+Every finished trial is appended to `trials.jsonl` (flushed and fsync'd; the log itself
+is `dem_ray.run.trials`), so a driver killed mid-search loses only the trials in flight.
 
 Resuming and extending (`fresh=False`, the same `inputs`): the finished trials are
 kept as they are and only `num_trials` minus their number run (none when as many or
@@ -29,18 +39,19 @@ import copy
 import hashlib
 import logging
 import math
-import re
-import time
+import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import Searcher
 
 from dem_ray.config import SearchConfig
 from dem_ray.core.perplexity import objective, perplexity
 from dem_ray.core.spaces import Space
+from dem_ray.ray.dispatch import Dispatch, SearchStats
+from dem_ray.run.asha import SuccessiveHalving
 from dem_ray.run.trials import (
     Candidates,
     TrialLog,
@@ -55,7 +66,7 @@ from dem_ray.run.trials import (
 )
 
 __all__ = [
-    "TrialRecorder",
+    "SearchStats",
     "UniqueCandidates",
     "best_trial",
     "full_objective",
@@ -69,7 +80,6 @@ __all__ = [
     "resume_trials",
     "resumed_seed",
     "run_search",
-    "run_trial",
     "warm_start_points",
 ]
 
@@ -102,62 +112,11 @@ def resumed_seed(seed: int, done: int) -> int:
     return int.from_bytes(digest[:4], "big") % (2**31 - 1)
 
 
-def _trial_index(trial_id: str) -> int:
-    match = re.search(r"(\d+)$", trial_id)
-    return int(match.group(1)) if match else abs(hash(trial_id))
-
-
 def _candidate_weights(config: dict, space: Space) -> dict[str, float]:
     """The weights a trial config stands for (a grid point, or a searcher's parameters)."""
     if "grid_point" in config:
         return dict(config["grid_point"])
     return space.to_weights(config)
-
-
-def run_trial(
-    config: dict,
-    evaluators: list,
-    space: Space,
-    objective_kind: str,
-    slices: int = 1,
-    evaluate_in: Space | None = None,
-) -> None:
-    """One candidate: weights -> an evaluator actor -> objective, reported to Tune.
-
-    With `slices` > 1 the validation shards are scored one slice at a time and the
-    running objective is reported after each, so a scheduler (ASHA) can stop a
-    hopeless candidate after a fraction of the validation tokens. `evaluate_in`: the
-    space the evaluators merge in, when it is not `space` (a per-block pool scoring
-    the global stage's candidates, every block group the same).
-    """
-    weights = _candidate_weights(config, space)
-    actor = evaluators[_trial_index(tune.get_context().get_trial_id()) % len(evaluators)]
-    target = evaluate_in or space
-    merged = target.expand(weights) if evaluate_in is not None else weights
-    vector = [merged[k] for k in target.keys]
-    sums: dict[str, list[float]] = {}
-    seconds = 0.0
-    tokens = 0
-    for part in range(slices):
-        result = ray.get(actor.evaluate.remote(vector, part, slices))
-        for name, (nll, count) in result["nll"].items():
-            total = sums.setdefault(name, [0.0, 0])
-            total[0] += nll
-            total[1] += count
-        seconds += result["device_seconds"]
-        tokens += result["tokens"]
-        nll = {name: (v[0], int(v[1])) for name, v in sums.items()}
-        tune.report(
-            {
-                "objective": objective(nll, objective_kind),
-                "weights": weights,
-                "ppl": {name: perplexity(s, n) for name, (s, n) in nll.items()},
-                "device_seconds": seconds,
-                "tokens_evaluated": tokens,
-                "slices_done": part + 1,
-                "complete": part + 1 == slices,
-            }
-        )
 
 
 class UniqueCandidates(Searcher):
@@ -284,49 +243,51 @@ def make_searcher(
     return UniqueCandidates(inner, space, [*known, *finished])
 
 
-class TrialRecorder(tune.Callback):
-    """Appends each finished trial to trials.jsonl (a `TrialLog`) and logs progress."""
+@dataclass
+class _Trial:
+    """A candidate in flight: its slices' NLL sums so far and where its weights are merged."""
 
-    def __init__(
-        self,
-        path: Path,
-        total: int,
-        finished: list[dict] | None = None,
-        after_write: Callable[[], None] | None = None,
-    ) -> None:
-        self.trial_log = TrialLog(path, finished, after_write)
-        self.path = path
-        self.total = total
+    trial_id: str
+    config: dict
+    weights: dict[str, float]
+    vector: list[float]
+    sums: dict[str, list[float]] = field(default_factory=dict)
+    device_seconds: float = 0.0
+    tokens: int = 0
+    slices_done: int = 0
+    actor: int | None = None
 
-    @property
-    def done(self) -> int:
-        return self.trial_log.done
+    def add(self, result: dict) -> dict[str, tuple[float, int]]:
+        for name, (nll, count) in result["nll"].items():
+            total = self.sums.setdefault(name, [0.0, 0])
+            total[0] += nll
+            total[1] += count
+        self.device_seconds += result["device_seconds"]
+        self.tokens += result["tokens"]
+        self.slices_done += 1
+        return {name: (v[0], int(v[1])) for name, v in self.sums.items()}
 
-    @property
-    def best(self) -> dict | None:
-        return self.trial_log.best
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        result = trial.last_result or {}
-        if "objective" not in result:
-            return
-        params = {k: v for k, v in trial.config.items() if k != "grid_point"}
-        record = self.trial_log.append(trial.trial_id, params, result)
-        what = (
-            "objective" if record["complete"] else f"stopped after slice {record['slices_done']}:"
-        )
-        best = "none yet"
-        if self.best is not None:
-            weights = ", ".join(f"{k}={v:.3f}" for k, v in self.best["weights"].items())
-            best = f"{self.best['objective']:.4f} ({weights})"
-        log.info(
-            "search: trial %d/%d %s %.4f; best %s",
-            self.done,
-            self.total,
-            what,
-            record["objective"],
-            best,
-        )
+class _Candidates:
+    """The next trial configs: the grid's remaining points, or the guarded Optuna searcher."""
+
+    def __init__(self, searcher: UniqueCandidates | None, points: list[dict] | None) -> None:
+        self.searcher = searcher
+        self.points = list(points or [])
+
+    def next(self, trial_id: str) -> dict | None:
+        if self.searcher is None:
+            return {"grid_point": self.points.pop(0)} if self.points else None
+        config = self.searcher.suggest(trial_id)
+        return None if config in (None, Searcher.FINISHED) else config
+
+    def result(self, trial_id: str, result: dict) -> None:
+        if self.searcher is not None:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def complete(self, trial_id: str, result: dict | None, error: bool = False) -> None:
+        if self.searcher is not None:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
 
 def run_search(
@@ -334,15 +295,15 @@ def run_search(
     space: Space,
     evaluators: list,
     out_dir: Path,
-    storage_dir: Path,
+    *,
     trials_name: str = "trials.jsonl",
     inputs: str = "",
     fresh: bool = True,
     warm_start: list[dict[str, float]] | None = None,
-    ray_storage: tuple[str, object] | None = None,
     after_write: Callable[[], None] | None = None,
     evaluate_in: Space | None = None,
     known: list[dict] = (),
+    stats: SearchStats | None = None,
 ) -> list[dict]:
     """Run the search; return the finished trials in order (also in out_dir/trials_name).
 
@@ -353,16 +314,18 @@ def run_search(
     `warm_start`: weights the sampler evaluates first (they count as trials), e.g. the
     best candidates of an earlier search before a dataset was added; ignored when
     resuming (the resumed trials already began with them).
-    `ray_storage`: Tune's `storage_path` and `storage_filesystem`, instead of `storage_dir`;
     `after_write`: called after each trial is appended to the trials file.
-    `evaluate_in`: the space the evaluators merge in, when it is not `space` (`run_trial`).
+    `evaluate_in`: the space the evaluators merge in, when it is not `space` (a per-block
+    pool scoring the global stage's candidates, every block group the same).
     `known`: trials evaluated elsewhere that the sampler learns and never repeats
     (`make_searcher`); they are not written to this search's trial log.
+    `stats`: filled with the evaluators' busy time and the search's wall time.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
     finished = resume_trials(trials_path, inputs, fresh)
     slices = cfg.slices if cfg.scheduler == "asha" else 1
+    in_flight = cfg.max_concurrent or 2 * len(evaluators)
     if cfg.algorithm == "grid":
         all_points = space.grid(cfg.grid_step)
         total = len(all_points)
@@ -371,80 +334,117 @@ def run_search(
         to_run = len(points)
     else:
         total = cfg.num_trials
-        log.info(
-            "search: Optuna %s over the %s space, %d trials, %d at a time",
-            cfg.algorithm,
-            space.kind,
-            total,
-            cfg.max_concurrent,
-        )
+        log.info("search: Optuna %s over the %s space, %d trials, %d at a time on %d "
+                 "evaluator(s)", cfg.algorithm, space.kind, total, in_flight,
+                 len(evaluators))  # fmt: skip
         to_run = max(total - len(finished), 0)
+    if in_flight < len(evaluators):
+        log.warning("search: max_concurrent %d < %d evaluator actors: %d of them stay idle; "
+                    "set search.max_concurrent to 2 x evaluator.num_actors", in_flight,
+                    len(evaluators), len(evaluators) - in_flight)  # fmt: skip
     if finished:
         log.info("search: resuming, %d of %d trials already finished", len(finished), total)
     if to_run == 0:
         log.info("search: nothing left to run; %d trials finished", len(finished))
         return finished
     if cfg.algorithm == "grid":
-        param_space = {"grid_point": tune.grid_search(points)}
-        tune_config = dict(num_samples=1, max_concurrent_trials=cfg.max_concurrent)
+        candidates = _Candidates(None, points)
     else:
+        searcher = make_searcher(cfg, space, finished, warm_start, known)
         param_space = {
             p: tune.uniform(lo, hi)
             for p, (lo, hi) in zip(space.param_names, space.param_bounds(), strict=True)
         }
-        searcher = make_searcher(cfg, space, finished, warm_start, known)
-        tune_config = dict(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
-            num_samples=to_run,
-        )
+        searcher.set_search_properties("objective", "min", param_space)
+        candidates = _Candidates(searcher, None)
+    halving = None
     if cfg.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
+        log.info("search: ASHA over %d validation slices (grace %d, reduction factor %d)",
+                 slices, cfg.grace_slices, cfg.reduction_factor)  # fmt: skip
+        halving = SuccessiveHalving(cfg.grace_slices, slices, cfg.reduction_factor)
+    trial_log = TrialLog(trials_path, finished, after_write)
+    target = evaluate_in or space
+    dispatch = Dispatch(evaluators, stats)
+    tag = uuid.uuid4().hex[:8]
+    started = 0
+    running: dict[str, _Trial] = {}
 
-        log.info(
-            "search: ASHA over %d validation slices (grace %d, reduction factor %d)",
-            slices,
-            cfg.grace_slices,
-            cfg.reduction_factor,
-        )
-        tune_config["scheduler"] = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=slices,
-            grace_period=cfg.grace_slices,
-            reduction_factor=cfg.reduction_factor,
-        )
-    trainable = tune.with_parameters(
-        run_trial,
-        evaluators=evaluators,
-        space=space,
-        objective_kind=cfg.objective,
-        slices=slices,
-        evaluate_in=evaluate_in,
-    )
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})
-    recorder = TrialRecorder(trials_path, total, finished, after_write)
-    storage_path, storage_fs = ray_storage or (str(storage_dir), None)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric="objective", mode="min", reuse_actors=True, **tune_config
-        ),
-        run_config=tune.RunConfig(
-            name=f"search-{time.time_ns()}",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            callbacks=[recorder],
-            verbose=0,
-        ),
-    )
-    grid = tuner.fit()
-    errors = [r.error for r in grid if r.error is not None]
-    if errors:
-        raise RuntimeError(f"{len(errors)} search trial(s) failed; first: {errors[0]}")
+    def start_next() -> bool:
+        nonlocal started
+        trial_id = f"{tag}_{started + len(finished):05d}"
+        config = candidates.next(trial_id)
+        if config is None:
+            return False
+        weights = _candidate_weights(config, space)
+        merged = target.expand(weights) if evaluate_in is not None else weights
+        trial = _Trial(trial_id, config, weights, [merged[k] for k in target.keys])
+        running[trial_id] = trial
+        trial.actor = dispatch.send(trial_id, trial.vector, 0, slices)
+        started += 1
+        return True
+
+    try:
+        while True:
+            while started < to_run and len(running) < in_flight and start_next():
+                pass
+            if not running:
+                break
+            for trial_id, actor, result in dispatch.finished():
+                trial = running[trial_id]
+                if isinstance(result, BaseException):
+                    candidates.complete(trial_id, None, error=True)
+                    raise RuntimeError(
+                        f"search trial {trial_id} ({_show(trial.weights)}) failed on evaluator "
+                        f"{actor}: {result}"
+                    ) from result
+                nll = trial.add(result)
+                report = {
+                    "objective": objective(nll, cfg.objective),
+                    "weights": trial.weights,
+                    "ppl": {name: perplexity(s, n) for name, (s, n) in nll.items()},
+                    "device_seconds": trial.device_seconds,
+                    "tokens_evaluated": trial.tokens,
+                    "slices_done": trial.slices_done,
+                    "complete": trial.slices_done == slices,
+                    "training_iteration": trial.slices_done,  # what Optuna's reports step by
+                }
+                go_on = not report["complete"] and (
+                    halving is None
+                    or halving.keep_going(trial_id, trial.slices_done, report["objective"])
+                )
+                if go_on:
+                    candidates.result(trial_id, report)
+                    trial.actor = dispatch.send(trial_id, trial.vector, trial.slices_done,
+                                                slices, prefer=actor)  # fmt: skip
+                    continue
+                del running[trial_id]
+                candidates.complete(trial_id, report)
+                params = {k: v for k, v in trial.config.items() if k != "grid_point"}
+                record = trial_log.append(trial_id, params, report)
+                dispatch.stats.candidates += 1
+                _log_progress(record, trial_log, total)
+    finally:
+        dispatch.close()
     trials = read_trials(trials_path)
     if len(trials) != len(finished) + to_run:
-        raise RuntimeError(f"search finished {len(trials)} trials of {total}")
+        raise RuntimeError(
+            f"search finished {len(trials)} trials of {total}: the sampler stopped "
+            "proposing candidates"
+        )
     return trials
+
+
+def _show(weights: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in weights.items())
+
+
+def _log_progress(record: dict, trial_log: TrialLog, total: int) -> None:
+    what = "objective" if record["complete"] else f"stopped after slice {record['slices_done']}:"
+    best = "none yet"
+    if trial_log.best is not None:
+        best = f"{trial_log.best['objective']:.4f} ({_show(trial_log.best['weights'])})"
+    log.info("search: trial %d/%d %s %.4f; best %s", trial_log.done, total, what,
+             record["objective"], best)  # fmt: skip
 
 
 def resume_hints(finished: list[dict], space: Space) -> dict:

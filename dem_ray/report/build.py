@@ -73,6 +73,12 @@ def build_report(
         stage_cost[stage] = {**price(manifest.entry(stage)["cost"]),
                              "evaluations": manifest.entry(stage)["cost"].get("evaluations")}  # fmt: skip
     stage_cost["report"] = price(cost)
+    throughput = {
+        stage: search_throughput(manifest.entry(stage)["cost"])
+        for stage in ("search", "search_grid")
+        if manifest.entry(stage) is not None
+    }
+    throughput = {k: v for k, v in throughput.items() if v is not None}  # fmt: skip
     dem_cost = costs.total(stage_cost[s] for s in DEM_STAGES if s in stage_cost)
     report = {
         "run_dir": ctx.show(ctx.layout.root),
@@ -105,6 +111,7 @@ def build_report(
         "test_objectives": test_objectives,
         "test_tokens": {n: test_scores["base"][n][1] for n in names},
         "cost": {**stage_cost, "dem": dem_cost},
+        "search_throughput": throughput,
         "prices": {"usd_per_gpu_hour": prices[0], "usd_per_cpu_hour": prices[1]},
         "artifacts": {
             "merged_model": ctx.show(ctx.layout.merged),
@@ -128,6 +135,19 @@ def build_report(
         _add_update(report, ctx, best["update"])
     report["summary"] = summary_sentence(report)
     return report
+
+
+THROUGHPUT_KEYS = ("candidates", "search_wall_seconds", "candidates_per_second",
+                   "evaluator_utilisation", "evaluator_busy_seconds", "evaluator_calls",
+                   "driver_seconds", "merge_seconds")  # fmt: skip
+
+
+def search_throughput(cost: dict) -> dict | None:
+    """How busy the evaluators were during a search stage's own evaluations (None for a
+    stage recorded before this was measured, or one that evaluated nothing)."""
+    if "evaluator_utilisation" not in cost:
+        return None
+    return {k: cost[k] for k in THROUGHPUT_KEYS}
 
 
 def _reranked(cfg) -> bool:

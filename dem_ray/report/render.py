@@ -96,6 +96,20 @@ def comparison_lines(report: dict) -> list[str]:
     return lines
 
 
+def throughput_lines(report: dict) -> list[str]:
+    """One line per search stage: candidates per second and each evaluator's busy share."""
+    names = {"search": "The search", "search_grid": "The coefficient grid"}
+    lines = []
+    for stage, t in report.get("search_throughput", {}).items():
+        shares = ", ".join(f"{u:.0%}" for u in t["evaluator_utilisation"])
+        lines.append(
+            f"{names.get(stage, stage)} evaluated {t['candidates']} candidates in "
+            f"{t['search_wall_seconds']:.1f} s ({t['candidates_per_second']:.2f} per second); "
+            f"the evaluator actors were busy merging and scoring {shares} of that time."
+        )
+    return lines
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -256,6 +270,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         f"${report['prices']['usd_per_gpu_hour']}/GPU-hour and "
         f"${report['prices']['usd_per_cpu_hour']}/CPU-hour. {_dem_cost_note(report)}",
         "",
+        *(line for x in throughput_lines(report) for line in (x, "")),
     ]
     if "diagnostics" in report:
         parts += ["## Distribution vectors", "", *weights_lines(report), "",
@@ -340,6 +355,7 @@ img {{ max-width: 100%; }}
 <h2>Test perplexity</h2>{html_table(ppl_table(report, "test"))}
 <p>{html.escape(" ".join(filter(None, [tokens_note(report), SPLITS_NOTE])))}</p>{_downstream_html(report)}
 <h2>Cost</h2>{html_table(cost_table(report))}
+{"".join(f"<p>{html.escape(x)}</p>" for x in throughput_lines(report))}
 {vectors}
 {"<h2>Search against the coefficient grid</h2>" + comparison if comparison else ""}
 {"<h2>Cost of the last update</h2>" + update if update else ""}

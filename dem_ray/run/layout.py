@@ -85,10 +85,6 @@ class RunLayout:
     def ray_train(self) -> Path:
         return self.root / "ray_train"
 
-    @property
-    def ray_tune(self) -> Path:
-        return self.root / "ray_tune"
-
     def swapped_dirs(self) -> list[Path]:
         """Directories written by an atomic swap: a kill mid-swap may leave `.NAME.old`."""
         return [

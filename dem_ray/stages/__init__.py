@@ -30,7 +30,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "materialize the base model and tokenize the datasets",
     "finetune": "one Ray Train fine-tune per dataset (prepares first if needed)",
     "vectors": "distribution vectors v_i = theta_i - theta_0",
-    "search": "Ray Tune + Optuna search of the coefficients (and the plain grid, and the "
+    "search": "Optuna search of the coefficients over the evaluator pool (and the plain grid, and the "
     "downstream rerank, if asked)",
     "merge": "write theta_0 + sum_i w_i v_i for the best (or given) weights",
     "baseline": "the data-mixing grid: one model per mixing ratio (prepares first if needed)",

@@ -1,4 +1,4 @@
-"""search: Ray Tune + Optuna over the evaluator pool; and the plain coefficient grid beside it.
+"""search: Optuna over the evaluator pool (ask and tell); and the plain coefficient grid beside it.
 
 The search's inputs leave out `search.num_trials` and `search.compare_grid`: raising
 the first extends a finished search (only the missing trials run), the second adds the
@@ -19,6 +19,7 @@ from dem_ray.core.mixtures import grid_step_for_comparison
 from dem_ray.core.spaces import global_trials
 from dem_ray.ray.pool import PoolSpec
 from dem_ray.ray.search import (
+    SearchStats,
     best_trial,
     inputs_marker,
     made_with,
@@ -128,8 +129,9 @@ class SearchStage(Stage):
             update = earlier.get("update")  # an extended search keeps what its start was
         cfg, fresh = ctx.cfg.search, bool(ctx.options.get("force"))
         first: list[dict] = []
+        stats = SearchStats()
         if ctx.space.two_stage:
-            first, cfg = _global_stage(ctx, actors, step.digest, fresh)
+            first, cfg = _global_stage(ctx, actors, step.digest, fresh, stats)
             if points:
                 log.info("search: two-stage; the per-block stage starts from the global "
                          "stage, not from the %d earlier candidates", len(points))  # fmt: skip
@@ -137,9 +139,9 @@ class SearchStage(Stage):
         # A two-stage search's per-block stage learns every global trial (each is a
         # per-block point with all groups the same, the global best among them) and
         # never evaluates one again.
-        trials = run_search(cfg, ctx.space, actors, layout.search, layout.ray_tune,
-                            inputs=step.digest, fresh=fresh, warm_start=points, known=first,
-                            **_tune_storage(ctx, layout.trials))  # fmt: skip
+        trials = run_search(cfg, ctx.space, actors, layout.search, inputs=step.digest,
+                            fresh=fresh, warm_start=points, known=first, stats=stats,
+                            **_upload_each_trial(ctx, layout.trials))  # fmt: skip
         best = best_trial([*first, *trials])
         trials = [*first, *trials]  # the cost and the count cover both stages
         best_record = {
@@ -161,7 +163,7 @@ class SearchStage(Stage):
         if ctx.space.two_stage:
             outputs.append(global_trials_path(ctx))
         ctx.record(step, outputs,
-                   cost=search_cost(ctx, trials, start),
+                   cost=search_cost(ctx, trials, start, stats),
                    extra={"vectors": ctx.vector_hashes(), "num_trials": len(trials),
                           "update": update, "best_weights": best["weights"]})  # fmt: skip
 
@@ -170,7 +172,9 @@ def global_trials_path(ctx: RunContext) -> Path:
     return ctx.layout.search / "global_trials.jsonl"
 
 
-def _global_stage(ctx: RunContext, actors: list, inputs: str, fresh: bool) -> tuple[list, object]:
+def _global_stage(
+    ctx: RunContext, actors: list, inputs: str, fresh: bool, stats: SearchStats
+) -> tuple[list, object]:
     """A two-stage search's first stage: one weight per dataset (every block group the
     same), in its own trial log. Returns its trials and the per-block stage's config."""
     cfg = ctx.cfg.search
@@ -178,9 +182,9 @@ def _global_stage(ctx: RunContext, actors: list, inputs: str, fresh: bool) -> tu
     path = global_trials_path(ctx)
     log.info("search: two-stage; %d global trials, then %d per block", n, cfg.num_trials - n)
     trials = run_search(cfg.model_copy(update={"num_trials": n}), ctx.space.inner(), actors,
-                        ctx.layout.search, ctx.layout.ray_tune, trials_name=path.name,
-                        inputs=f"{inputs}/global", fresh=fresh, evaluate_in=ctx.space,
-                        **_tune_storage(ctx, path))  # fmt: skip
+                        ctx.layout.search, trials_name=path.name, inputs=f"{inputs}/global",
+                        fresh=fresh, evaluate_in=ctx.space, stats=stats,
+                        **_upload_each_trial(ctx, path))  # fmt: skip
     return _expanded(ctx, trials), cfg.model_copy(update={"num_trials": cfg.num_trials - n})
 
 
@@ -237,17 +241,22 @@ class GridStage(Stage):
         [step] = todo
         start = time.perf_counter()
         layout = ctx.layout
+        stats = SearchStats()
         trials = run_search(self.grid_config(ctx), ctx.space, evaluators(ctx), layout.search,
-                            layout.ray_tune, trials_name=layout.grid_trials.name,
-                            inputs=step.digest, fresh=bool(ctx.options.get("force")),
-                            **_tune_storage(ctx, layout.grid_trials))  # fmt: skip
-        ctx.record(step, [layout.grid_trials], cost=search_cost(ctx, trials, start))
+                            trials_name=layout.grid_trials.name, inputs=step.digest,
+                            fresh=bool(ctx.options.get("force")), stats=stats,
+                            **_upload_each_trial(ctx, layout.grid_trials))  # fmt: skip
+        ctx.record(step, [layout.grid_trials], cost=search_cost(ctx, trials, start, stats))
 
 
-def search_cost(ctx: RunContext, trials: list[dict], start: float) -> dict:
-    """The trials' device-seconds, plus loading base and vectors into the actors."""
+def search_cost(
+    ctx: RunContext, trials: list[dict], start: float, stats: SearchStats | None = None
+) -> dict:
+    """The trials' device-seconds, plus loading base and vectors into the actors; with
+    `stats`, how busy the evaluators were over the trials this run evaluated."""
     startup = ctx.pool.take_startup_cost()
     return {
+        **(stats.as_dict() if stats is not None and stats.calls else {}),
         "device_seconds": sum(t["device_seconds"] for t in trials)
         + startup["startup_device_seconds"],
         "startup_device_seconds": startup["startup_device_seconds"],
@@ -258,15 +267,12 @@ def search_cost(ctx: RunContext, trials: list[dict], start: float) -> dict:
     }
 
 
-def _tune_storage(ctx: RunContext, trials_path: Path) -> dict:
-    """run_search's storage arguments: a bucket run gets each finished trial uploaded, so
-    a search resumed on another machine keeps it."""
+def _upload_each_trial(ctx: RunContext, trials_path: Path) -> dict:
+    """A bucket run gets each finished trial uploaded, so a search resumed on another
+    machine keeps it."""
     if not ctx.storage.remote:
         return {}
-    return {
-        "ray_storage": ctx.storage.ray_storage("ray_tune"),
-        "after_write": lambda: ctx.storage.push([trials_path, inputs_marker(trials_path)]),
-    }
+    return {"after_write": lambda: ctx.storage.push([trials_path, inputs_marker(trials_path)])}
 
 
 def _warm_start(
