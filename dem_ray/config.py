@@ -435,6 +435,14 @@ class SearchConfig(_Section):
         json_schema_extra=_meta(_RESOURCE, shown="2 per evaluator actor"),
     )
     seed: int = Field(0, description="the sampler's seed")
+    storage: str | None = Field(
+        None,
+        description="the Optuna storage every trial is also written to, one study per search "
+        "inputs (`<stage>-<hash>`), for `optuna-dashboard URL` and `optuna.load_study`: an "
+        "`sqlite:///` or `postgresql://` URL, or `off`; `trials.jsonl` stays what a search "
+        "resumes from",
+        json_schema_extra=_meta(_RESOURCE, shown="`search/study.db` in the run dir (SQLite)"),
+    )
     objective: Objective = Field(
         "macro",
         description="`macro`: mean over datasets of log-perplexity; `token_weighted`: "

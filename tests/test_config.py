@@ -670,7 +670,7 @@ ROLES = {
             "grace_slices",
             "reduction_factor",
         },
-        "resource": {"max_concurrent"},
+        "resource": {"max_concurrent", "storage"},
         "extent": {"num_trials", "compare_grid"},
     },
     EvaluatorConfig: {

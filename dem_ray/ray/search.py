@@ -52,6 +52,7 @@ from dem_ray.core.perplexity import objective, perplexity
 from dem_ray.core.spaces import Space
 from dem_ray.ray.dispatch import Dispatch, SearchStats
 from dem_ray.run.asha import SuccessiveHalving
+from dem_ray.run.study import StudyExport
 from dem_ray.run.trials import (
     Candidates,
     TrialLog,
@@ -304,6 +305,7 @@ def run_search(
     evaluate_in: Space | None = None,
     known: list[dict] = (),
     stats: SearchStats | None = None,
+    study: tuple[str, str] | None = None,
 ) -> list[dict]:
     """Run the search; return the finished trials in order (also in out_dir/trials_name).
 
@@ -320,6 +322,8 @@ def run_search(
     `known`: trials evaluated elsewhere that the sampler learns and never repeats
     (`make_searcher`); they are not written to this search's trial log.
     `stats`: filled with the evaluators' busy time and the search's wall time.
+    `study`: (Optuna storage URL, study name): every trial also goes to that study
+    (`dem_ray.run.study`), rebuilt from the trial log when the search starts.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
@@ -362,7 +366,8 @@ def run_search(
         log.info("search: ASHA over %d validation slices (grace %d, reduction factor %d)",
                  slices, cfg.grace_slices, cfg.reduction_factor)  # fmt: skip
         halving = SuccessiveHalving(cfg.grace_slices, slices, cfg.reduction_factor)
-    trial_log = TrialLog(trials_path, finished, after_write)
+    trial_log = TrialLog(trials_path, finished)
+    export = StudyExport(study[0], study[1], space, finished) if study else None
     target = evaluate_in or space
     dispatch = Dispatch(evaluators, stats)
     tag = uuid.uuid4().hex[:8]
@@ -421,6 +426,10 @@ def run_search(
                 candidates.complete(trial_id, report)
                 params = {k: v for k, v in trial.config.items() if k != "grid_point"}
                 record = trial_log.append(trial_id, params, report)
+                if export is not None:
+                    export.add(record)
+                if after_write is not None:
+                    after_write()
                 dispatch.stats.candidates += 1
                 _log_progress(record, trial_log, total)
     finally:

@@ -49,6 +49,10 @@ class RunLayout:
         return self.search / "trials.jsonl"
 
     @property
+    def study(self) -> Path:
+        return self.search / "study.db"
+
+    @property
     def grid_trials(self) -> Path:
         return self.search / "grid_trials.jsonl"
 

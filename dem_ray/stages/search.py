@@ -27,6 +27,7 @@ from dem_ray.ray.search import (
     run_search,
     warm_start_points,
 )
+from dem_ray.run.study import study_name
 from dem_ray.stages.base import RunContext, Stage, Step
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class SearchStage(Stage):
         }
         wanted = len(ctx.space.grid(cfg.grid_step)) if cfg.algorithm == "grid" else cfg.num_trials
         layout = ctx.layout
-        reads = [layout.trials, inputs_marker(layout.trials)]
+        reads = [layout.trials, inputs_marker(layout.trials), layout.study]
         if ctx.space.two_stage:
             reads += [global_trials_path(ctx), inputs_marker(global_trials_path(ctx))]
         return [
@@ -141,6 +142,7 @@ class SearchStage(Stage):
         # never evaluates one again.
         trials = run_search(cfg, ctx.space, actors, layout.search, inputs=step.digest,
                             fresh=fresh, warm_start=points, known=first, stats=stats,
+                            study=study(ctx, "search", step.digest),
                             **_upload_each_trial(ctx, layout.trials))  # fmt: skip
         best = best_trial([*first, *trials])
         trials = [*first, *trials]  # the cost and the count cover both stages
@@ -184,6 +186,7 @@ def _global_stage(
     trials = run_search(cfg.model_copy(update={"num_trials": n}), ctx.space.inner(), actors,
                         ctx.layout.search, trials_name=path.name, inputs=f"{inputs}/global",
                         fresh=fresh, evaluate_in=ctx.space, stats=stats,
+                        study=study(ctx, "search-global", inputs),
                         **_upload_each_trial(ctx, path))  # fmt: skip
     return _expanded(ctx, trials), cfg.model_copy(update={"num_trials": cfg.num_trials - n})
 
@@ -245,6 +248,7 @@ class GridStage(Stage):
         trials = run_search(self.grid_config(ctx), ctx.space, evaluators(ctx), layout.search,
                             trials_name=layout.grid_trials.name, inputs=step.digest,
                             fresh=bool(ctx.options.get("force")), stats=stats,
+                            study=study(ctx, "search_grid", step.digest),
                             **_upload_each_trial(ctx, layout.grid_trials))  # fmt: skip
         ctx.record(step, [layout.grid_trials], cost=search_cost(ctx, trials, start, stats))
 
@@ -267,12 +271,23 @@ def search_cost(
     }
 
 
+def study(ctx: RunContext, stage: str, inputs: str) -> tuple[str, str] | None:
+    """Where the search's trials are exported as an Optuna study: (storage URL, study name)."""
+    url = ctx.cfg.search.storage
+    if url == "off":
+        return None
+    return url or f"sqlite:///{ctx.layout.study}", study_name(stage, inputs)
+
+
 def _upload_each_trial(ctx: RunContext, trials_path: Path) -> dict:
     """A bucket run gets each finished trial uploaded, so a search resumed on another
-    machine keeps it."""
+    machine keeps it (and the study file, when it is the run dir's)."""
     if not ctx.storage.remote:
         return {}
-    return {"after_write": lambda: ctx.storage.push([trials_path, inputs_marker(trials_path)])}
+    paths = [trials_path, inputs_marker(trials_path)]
+    if ctx.cfg.search.storage is None:
+        paths.append(ctx.layout.study)
+    return {"after_write": lambda: ctx.storage.push(paths)}
 
 
 def _warm_start(
