@@ -1,5 +1,6 @@
 """cluster/: launcher YAMLs against the launcher's own schema; KubeRay manifests for the fields
-KubeRay needs; every image on the Ray and Python versions dem-ray pins."""
+KubeRay needs; every image on the Ray and Python versions dem-ray pins; and every cluster locked,
+with Ray's token authentication on."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from packaging.version import Version
+from ray._private.authentication.authentication_token_setup import _get_default_token_path
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 LAUNCHER = ["aws.yaml", "gcp.yaml"]
+KUBERAY = ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/storage.yaml"]
 IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
+# Where `ray get-auth-token --generate` writes the token and where Ray reads it from when
+# neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set: ~/.ray/auth_token.
+TOKEN_FILE = "~/" + _get_default_token_path().relative_to(Path.home()).as_posix()
 
 
 def schema() -> dict:
@@ -59,7 +66,7 @@ def test_launcher_shape(name):
         assert worker["resources"]["GPU"] >= 1
         assert any(k.startswith("accelerator_type:") for k in worker["resources"])
     assert config["docker"]["image"] == IMAGE
-    assert config["file_mounts"] == {"~/dem-ray": "."}
+    assert config["file_mounts"] == {"~/dem-ray": ".", TOKEN_FILE: TOKEN_FILE}
     assert any(
         "pip install" in c and "$HOME/dem-ray[downstream]" in c for c in config["setup_commands"]
     )
@@ -131,3 +138,102 @@ def test_rayjob_manifest_runs_dem_ray_on_the_cluster():
     assert spec["entrypoint"] == "dem-ray run /etc/dem-ray/run.yaml"
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
     assert submitter["image"].endswith("/dem-ray:0.1.0")
+
+
+# Token authentication: no file under cluster/ may turn it off.
+
+AUTH_MODE_SET = re.compile(r"RAY_AUTH_MODE\s*[=:]\s*[\"']?([A-Za-z]*)")
+
+
+def auth_turned_off(text: str) -> list[str]:
+    """What in a file's text sets Ray's auth mode to anything but `token`, or sets it in an image
+    (the nodes set it, not the image)."""
+    found = [m.group(0) for m in AUTH_MODE_SET.finditer(text) if m.group(1) != "token"]
+    found += re.findall(r"^\s*ENV\b.*RAY_AUTH_MODE.*$", text, re.M)
+    return found
+
+
+def auth_settings(doc) -> list[str]:
+    """The auth settings in a KubeRay manifest that the operator must own: any container env
+    entry for RAY_AUTH_MODE / RAY_AUTH_TOKEN (the operator does not override one that is set),
+    and any authOptions whose mode is not `token`."""
+    found = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if key == "env" and isinstance(value, list):
+                found += [e["name"] for e in value if e.get("name", "").startswith("RAY_AUTH_")]
+            elif key == "authOptions" and (value or {}).get("mode") != "token":
+                found.append(f"authOptions: {value}")
+            else:
+                found += auth_settings(value)
+    elif isinstance(doc, list):
+        for item in doc:
+            found += auth_settings(item)
+    return found
+
+
+def test_the_auth_checks_find_what_turns_auth_off():
+    """The checks below can fail: they flag what cluster/ held before it was locked."""
+    assert auth_turned_off(
+        "RAY_AUTH_MODE=disabled ray start --head --port=6379 --dashboard-host=0.0.0.0"
+    ) == ["RAY_AUTH_MODE=disabled"]
+    assert auth_turned_off("env: {RAY_AUTH_MODE: 'disabled'}") == ["RAY_AUTH_MODE: 'disabled"]
+    assert auth_turned_off("ENV RAY_AUTH_MODE token") == ["ENV RAY_AUTH_MODE token"]
+    assert auth_turned_off("RAY_AUTH_MODE=token ray start --head") == []
+    old_head = {"containers": [{"name": "ray-head", "env": [
+        {"name": "RAY_AUTH_MODE", "value": "disabled"}, {"name": "OMP_NUM_THREADS", "value": "1"},
+    ]}]}  # fmt: skip
+    assert auth_settings(old_head) == ["RAY_AUTH_MODE"]
+    assert auth_settings({"spec": {"authOptions": {"mode": "disabled"}}}) == [
+        "authOptions: {'mode': 'disabled'}"
+    ]
+    assert auth_settings(load("kuberay/raycluster.yaml")) == []
+
+
+def test_no_file_under_cluster_turns_auth_off():
+    files = [f for f in sorted(CLUSTER.rglob("*")) if f.is_file()]
+    names = {f.relative_to(CLUSTER).as_posix() for f in files}
+    assert names >= {*LAUNCHER, *KUBERAY, "Dockerfile", "README.md"}
+    for f in files:
+        assert auth_turned_off(f.read_text()) == [], f
+    for name in KUBERAY:
+        for doc in yaml.safe_load_all((CLUSTER / name).read_text()):
+            assert auth_settings(doc) == [], name
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_keeps_token_auth_on(name):
+    """Every node starts Ray with RAY_AUTH_MODE=token and has the token (the one `ray up`'s
+    machine made with `ray get-auth-token --generate`), every shell in the containers runs in
+    token mode, and the dashboard / Jobs API listens on the head's loopback only (reached
+    through `ray dashboard`'s SSH tunnel)."""
+    config = load(name)
+    starts = [
+        c
+        for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        if "ray start" in c
+    ]
+    assert len(starts) == 2
+    for command in starts:
+        assert command.startswith("RAY_AUTH_MODE=token ray start "), command
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"][TOKEN_FILE] == TOKEN_FILE
+    [head_start] = [c for c in starts if "--head" in c]
+    assert re.findall(r"--dashboard-host=(\S+)", head_start) == ["127.0.0.1"]
+    assert "0.0.0.0" not in (CLUSTER / name).read_text()
+
+
+def test_kuberay_keeps_token_auth_on():
+    """authOptions mode token on the RayCluster (KubeRay >= 1.5.1 then makes the token, keeps it
+    in a Secret and sets RAY_AUTH_MODE / RAY_AUTH_TOKEN in every Ray container, the autoscaler
+    and the RayJob's submitter); the RayJob runs on that cluster and sets neither itself. The
+    dashboard stays on the pod's address (the submitter and the operator call it through the
+    head Service), which the token now guards."""
+    cluster = load("kuberay/raycluster.yaml")
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    # Ray 2.52 is the first with token authentication; KubeRay refuses authOptions below it.
+    assert Version(cluster["spec"]["rayVersion"]) >= Version("2.52")
+    job = load("kuberay/rayjob.yaml")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    assert "rayClusterSpec" not in job["spec"]  # no cluster of its own, open or not
+    assert auth_settings(job) == [] and auth_settings(cluster) == []
