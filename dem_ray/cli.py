@@ -20,6 +20,9 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
+STATUS_HELP = "what a run would do now: each step done, stale (and why), missing or running"
+
+
 def stage_help() -> dict[str, str]:
     from dem_ray.stages import COMMANDS
 
@@ -48,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--weights", help="explicit weights, e.g. code=0.6,chat=0.4 (default: the best)"
             )
+    status = sub.add_parser(
+        "status",
+        help=STATUS_HELP,
+        description=STATUS_HELP + "; starts no Ray, writes nothing",
+    )
+    status.add_argument("config", help="run config YAML")
+    status.add_argument("--json", action="store_true", help="the same answer as JSON")
     corpora = sub.add_parser("corpora", help="example datasets from text that packages ship")
     corpora_sub = corpora.add_subparsers(dest="corpora_command", required=True)
     build = corpora_sub.add_parser("build", help="write NAME.train.jsonl / NAME.val.jsonl")
@@ -82,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Optuna logs every study it creates at INFO (the sampler's, the exported one): noise.
+    logging.getLogger("optuna").setLevel(logging.WARNING)
     try:
         if args.command == "corpora":
             return _corpora(args)
+        if args.command == "status":
+            return _status(args)
         return _stages(args)
     except USER_ERRORS as exc:
         print(f"dem-ray: error: {exc}", file=sys.stderr)
@@ -143,6 +157,18 @@ def _run_stages(args, config) -> int:
     print(f"stages skipped (up to date): {', '.join(pipeline.skipped) or 'none'}")
     if args.command in ("run", "report"):
         _print_summary(pipeline)
+    return 0
+
+
+def _status(args) -> int:
+    import json
+
+    from dem_ray.status import render, run_status
+
+    config = load_config(args.config)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the answer
+        status = run_status(config)
+    print(json.dumps(status.as_dict(), indent=2) if args.json else render(status))
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from dem_ray.config import RunConfig
 from dem_ray.core.atomic import recover_dir
-from dem_ray.core.spaces import check_space_for_method, load_space
+from dem_ray.core.spaces import Space, check_space_for_method, load_space
 from dem_ray.data import readers
 from dem_ray.models.base import base_kind, base_path, check_model_dir
 from dem_ray.run.layout import RunLayout
@@ -23,7 +23,15 @@ from dem_ray.run.lock import RunLock
 from dem_ray.run.manifest import Manifest
 from dem_ray.run.stopping import reinstall_stop_handlers
 from dem_ray.run.storage import RunStorage
-from dem_ray.stages import COMMANDS, PREREQUISITES, RunContext, Stage, StageError, stages_of
+from dem_ray.stages import (
+    COMMANDS,
+    PREREQUISITES,
+    RunContext,
+    Stage,
+    StageError,
+    Step,
+    stages_of,
+)
 from dem_ray.stages.base import resolve_data_path
 
 log = logging.getLogger(__name__)
@@ -75,15 +83,7 @@ class Pipeline:
         if self._lock is not None:
             return
         self._check_run_dir()
-        space = load_space(self.cfg.search.space, self.names, self.config_dir)
-        search = self.cfg.search
-        check_space_for_method(space, search.merge_method, search.algorithm, search.num_trials)
-        if base_kind(self.cfg.base_model) == "dir":
-            check_model_dir(base_path(self.cfg.base_model), role="base model")
-        for name, ds in self.cfg.datasets.items():
-            for path in filter(None, (ds.path, ds.validation_path, ds.test_path)):
-                readers.check_readable(resolve_data_path(path, self.config_dir), name)
-        tasks = self._check_downstream(space)
+        space, tasks = self.check()
         self._lock = _acquire_lock(self.storage, command)
         self._commands_done = set()
         try:
@@ -100,6 +100,19 @@ class Pipeline:
             _release_lock(self._lock)
             self._lock = None
             raise
+
+    def check(self) -> tuple[Space, Any]:
+        """The checks that need no run dir: the space, the base, the data files, the
+        downstream tasks (`dem-ray status` makes them too). Returns the space and tasks."""
+        space = load_space(self.cfg.search.space, self.names, self.config_dir)
+        search = self.cfg.search
+        check_space_for_method(space, search.merge_method, search.algorithm, search.num_trials)
+        if base_kind(self.cfg.base_model) == "dir":
+            check_model_dir(base_path(self.cfg.base_model), role="base model")
+        for name, ds in self.cfg.datasets.items():
+            for path in filter(None, (ds.path, ds.validation_path, ds.test_path)):
+                readers.check_readable(resolve_data_path(path, self.config_dir), name)
+        return space, self._check_downstream(space)
 
     def run(
         self, commands: tuple[str, ...] = tuple(COMMANDS), force: bool = False, **options: Any
@@ -164,12 +177,8 @@ class Pipeline:
             ctx.fetch(tuple(path for step in todo for path in step.reads))
             stage.run(ctx, todo)
 
-    def _is_done(self, step) -> bool:
-        ctx = self.ctx
-        if not ctx.manifest.is_done(step.key, step.digest, verify=self.verify,
-                                    listing=ctx.listing()):  # fmt: skip
-            return False
-        return step.enough is None or step.enough(ctx.manifest.entry(step.key))
+    def _is_done(self, step: Step) -> bool:
+        return step_is_done(self.ctx, step, self.verify)
 
     def close(self, stopping: bool = False) -> None:
         """Release the evaluator actors and the lock; keep the input digests computed.
@@ -233,6 +242,14 @@ class Pipeline:
             ) from exc
         if self.storage.remote:
             self.storage.check_writable()
+
+
+def step_is_done(ctx: RunContext, step: Step, verify: bool = False) -> bool:
+    """Whether a run skips `step`: recorded with these inputs, its outputs intact, and
+    enough of it (`dem-ray status` asks the same question, so it cannot disagree)."""
+    if not ctx.manifest.is_done(step.key, step.digest, verify=verify, listing=ctx.listing()):
+        return False
+    return step.enough is None or step.enough(ctx.manifest.entry(step.key))
 
 
 # One lock per run dir and process: a second Pipeline in the same process (tests, a
