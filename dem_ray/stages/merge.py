@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from dem_ray.core.merge import merge_to_dir
 from dem_ray.models.base import TOKENIZER_FILES
+from dem_ray.report.card import made_by
 from dem_ray.stages.base import RunContext, Stage, StageError, Step, Timer
 from dem_ray.stages.search import merge_spec
 
@@ -56,8 +58,13 @@ class MergeStage(Stage):
             **merge_spec(ctx),
         )
         log.info("merged model -> %s", ctx.show(out))
+        # What made it, for the model card the report writes into `merged/` (its output,
+        # not this step's: `out` is a fresh directory here, without a card).
+        given = ctx.options.get("weights")
+        args = ["--weights", ",".join(f"{k}={v!r}" for k, v in given.items())] if given else []
+        made = made_by(sys.argv, self.command, ctx.cfg.source, args)
         ctx.record(step, [out], cost={"wall_seconds": timer.wall, "device_seconds": timer.cpu},
-                   extra={"weights": weights})  # fmt: skip
+                   extra={"weights": weights, "made_by": made})  # fmt: skip
 
 
 def best_weights(ctx: RunContext) -> dict[str, float]:

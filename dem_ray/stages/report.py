@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import ray
 
+from dem_ray.core.atomic import write_text_atomic
 from dem_ray.core.diagnostics import vector_diagnostics
+from dem_ray.models.base import base_kind, base_path
 from dem_ray.report.build import build_report
+from dem_ray.report.card import CARD_NAME, hub_model_id, render_card
 from dem_ray.report.render import write_report
 from dem_ray.stages.base import RunContext, Stage, Step
 from dem_ray.stages.search import evaluators, scoring_inputs
@@ -23,7 +27,10 @@ DIAGNOSTIC_GROUPS = 4
 class ReportStage(Stage):
     name = "report"
     command = "report"
-    outputs = "`report/report.{json,md,html}` and plots"
+    outputs = (
+        "`report/report.{json,md,html}` and plots; the model cards `merged/README.md` and "
+        "`baseline/best/README.md`"
+    )
     invalidated_by = {
         "merge": "the merged model",
         "search": "the search's trials",
@@ -96,8 +103,29 @@ class ReportStage(Stage):
         report = build_report(ctx, scores["validation"], cost, test_scores=scores["test"],
                               diagnostics=diagnostics)  # fmt: skip
         paths = write_report(report, layout.search, layout.report)
-        ctx.record(step, paths, cost=cost)
+        ctx.record(step, [*paths, *write_cards(ctx, report)], cost=cost)
         log.info("report -> %s", ctx.show(layout.report))
+
+
+def write_cards(ctx: RunContext, report: dict) -> list[Path]:
+    """A model card in `merged/` (and `baseline/best/`), from the report's numbers.
+
+    The cards are this step's outputs, not the merge's or the baseline's: those record
+    only their model files, so writing a card leaves them up to date, and a merge that
+    runs again (a fresh `merged/`, no card) makes this step run again too."""
+    spec, kind = ctx.cfg.base_model, base_kind(ctx.cfg.base_model)
+    base_id = hub_model_id(spec.location if kind == "hub" else str(base_path(spec)), kind)
+    hub_datasets = [ctx.cfg.datasets[n].hub for n in ctx.names if ctx.cfg.datasets[n].hub]
+    models = {"dem": (ctx.layout.merged, "merge")}
+    if "baseline" in report:
+        models["baseline/best"] = (ctx.layout.best_mixture, "baseline")
+    written = []
+    for label, (model_dir, key) in models.items():
+        made = ctx.manifest.entry(key).get("made_by")
+        path = model_dir / CARD_NAME
+        write_text_atomic(path, render_card(report, label, made, base_id, hub_datasets))
+        written.append(path)
+    return written
 
 
 def downstream_keys(ctx: RunContext) -> list[tuple[str, str]]:
