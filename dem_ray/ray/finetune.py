@@ -28,6 +28,7 @@ from dem_ray.models.base import copy_tokenizer
 from dem_ray.ray.placement import scaling_config, trainers_that_fit
 from dem_ray.run.stopping import start_threads, wait_threads
 from dem_ray.run.storage import RunPath, fetch
+from dem_ray.run.tracking import EVENTS, StepEvents, copy_events
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class FinetuneJob:
     out_dir: str  # on the driver: it copies the result there
     mixture: dict[str, float] | None = None  # sampling ratio per dataset; None: one dataset
     max_steps: int | None = None  # overrides FinetuneConfig.max_steps
+    # TensorBoard event files (`dem_ray.run.tracking`): the driver copies them there from the
+    # final checkpoint; `events_live`: every node mounts that dir, rank 0 also writes it live.
+    events_dir: str | None = None
+    events_live: bool = False
 
 
 def sample_batch(
@@ -155,6 +160,8 @@ def train_loop(config: dict) -> None:
     Every `checkpoint_every` steps it reports a checkpoint (weights, optimizer, step);
     a worker restarted by Ray Train after a failure resumes from the latest one, and
     the sampler, seeded per step, draws the very batches the lost worker would have.
+    Rank 0 writes loss, lr and tokens/s of every step as TensorBoard events, which go
+    into each checkpoint (the run dir may be a bucket it cannot write).
     """
     import ray.train.torch as rt
     from transformers import AutoModelForCausalLM
@@ -177,10 +184,12 @@ def train_loop(config: dict) -> None:
     tag = f"[finetune {config['name']}]"
     with contextlib.ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
-        source, state = str(base_dir), None
+        source, state, events = str(base_dir), None, None
         if checkpoint is not None:
             source = stack.enter_context(checkpoint.as_directory())
             state = _load_state(Path(source))
+        if rank == 0:  # the events so far are the checkpoint's: a lost worker's later ones go
+            events = StepEvents(config.get("events_live_dir"), None if state is None else source)
         model = AutoModelForCausalLM.from_pretrained(
             source, use_safetensors=True, trust_remote_code=config.get("trust_remote_code", False)
         )
@@ -204,6 +213,7 @@ def train_loop(config: dict) -> None:
     tokens_per_step = hp.batch_size * hp.seq_len * world
     interval_start, loss_value = time.perf_counter(), float("nan")
     for step in range(start_step + 1, max_steps + 1):
+        step_start, lr = time.perf_counter(), scheduler.get_last_lr()[0]
         generator = step_generator(hp.seed, rank, step)
         batch, mask, counts = sample_batch(shards, probs, hp.batch_size, generator)
         rows_seen += counts
@@ -217,6 +227,9 @@ def train_loop(config: dict) -> None:
         loss_value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"{tag} loss is {loss_value} at step {step}; lower the lr")
+        if events is not None:
+            rate = tokens_per_step / (time.perf_counter() - step_start)
+            events.write(step, {"loss": loss_value, "lr": lr, "tokens_per_s": rate})
         if rank == 0 and (step % hp.log_every == 0 or step == max_steps):
             done = hp.log_every if step % hp.log_every == 0 else step % hp.log_every
             rate = done * tokens_per_step / (time.perf_counter() - interval_start)
@@ -229,7 +242,8 @@ def train_loop(config: dict) -> None:
         if step % hp.checkpoint_every == 0 and step < max_steps:
             spent = _sum_over_workers(_device_seconds(device, wall0, cpu0, gpus), world, device)
             _report(model, rank, {"step": step}, lambda out, s=step, t=spent: _save_state(
-                _unwrap(model), optimizer, scheduler, s, earlier_seconds + t, out))  # fmt: skip
+                _unwrap(model), optimizer, scheduler, s, earlier_seconds + t, out),
+                events)  # fmt: skip
         if config.get("after_step") is not None:
             config["after_step"](config["name"], step, rank)
     device_seconds = earlier_seconds + _sum_over_workers(
@@ -255,7 +269,11 @@ def train_loop(config: dict) -> None:
         _unwrap(model).save_pretrained(str(out), safe_serialization=True)
         copy_tokenizer(base_dir, out)
 
-    _report(model, rank, metrics, save_final)
+    if events is not None:
+        events.close()
+    _report(model, rank, metrics, save_final, events)
+    if events is not None:
+        events.discard()
 
 
 def _unwrap(model):
@@ -270,13 +288,16 @@ def _device_seconds(device: torch.device, wall0: float, cpu0: float, gpus: float
     return time.process_time() - cpu0
 
 
-def _report(model, rank: int, metrics: dict, save) -> None:
-    """Every worker reports; rank 0 attaches a checkpoint that `save(dir)` writes."""
+def _report(model, rank: int, metrics: dict, save, events: StepEvents | None = None) -> None:
+    """Every worker reports; rank 0 attaches a checkpoint that `save(dir)` writes, with
+    the event files so far (`events`)."""
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save(Path(tmp))
+        if events is not None:
+            events.save_into(Path(tmp))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -290,6 +311,7 @@ def loop_config(job: FinetuneJob, hp: FinetuneConfig, trust_remote_code: bool) -
         "max_steps": job.max_steps,
         "finetune": hp.model_dump(),
         "trust_remote_code": trust_remote_code,
+        "events_live_dir": job.events_dir if job.events_live else None,
         "after_step": AFTER_STEP,
     }
 
@@ -357,9 +379,12 @@ def run_finetunes(
                 raise RuntimeError(f"fine-tune '{job.name}' reported no checkpoint")
             out = Path(job.out_dir)
             with atomic_dir(out) as tmp, result.checkpoint.as_directory() as ckpt:
-                # The model only: optimizer state is for resuming, not for the vectors.
-                shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE),
+                # The model only: optimizer state is for resuming, not for the vectors, and
+                # the event files go to their own dir (the model dir stays an HF model's).
+                shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE, EVENTS),
                                 dirs_exist_ok=True)  # fmt: skip
+                if job.events_dir is not None:
+                    copy_events(Path(ckpt), Path(job.events_dir))
             with contextlib.suppress(OSError):  # the run's checkpoints: no longer needed
                 result.filesystem.delete_dir(result.path)
             metrics = dict(result.metrics)

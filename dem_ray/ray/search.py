@@ -53,6 +53,7 @@ from dem_ray.core.spaces import Space
 from dem_ray.ray.dispatch import Dispatch, SearchStats
 from dem_ray.run.asha import SuccessiveHalving
 from dem_ray.run.study import StudyExport
+from dem_ray.run.tracking import TrialEvents
 from dem_ray.run.trials import (
     Candidates,
     TrialLog,
@@ -306,6 +307,7 @@ def run_search(
     known: list[dict] = (),
     stats: SearchStats | None = None,
     study: tuple[str, str] | None = None,
+    events: Path | None = None,
 ) -> list[dict]:
     """Run the search; return the finished trials in order (also in out_dir/trials_name).
 
@@ -324,6 +326,8 @@ def run_search(
     `stats`: filled with the evaluators' busy time and the search's wall time.
     `study`: (Optuna storage URL, study name): every trial also goes to that study
     (`dem_ray.run.study`), rebuilt from the trial log when the search starts.
+    `events`: a dir for TensorBoard event files of each trial's objective and the best so
+    far (`dem_ray.run.tracking`), rewritten from the trial log when the search starts.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
@@ -368,6 +372,7 @@ def run_search(
         halving = SuccessiveHalving(cfg.grace_slices, slices, cfg.reduction_factor)
     trial_log = TrialLog(trials_path, finished)
     export = StudyExport(study[0], study[1], space, finished) if study else None
+    trial_events = TrialEvents(events, finished) if events is not None else None
     target = evaluate_in or space
     dispatch = Dispatch(evaluators, stats)
     tag = uuid.uuid4().hex[:8]
@@ -428,12 +433,16 @@ def run_search(
                 record = trial_log.append(trial_id, params, report)
                 if export is not None:
                     export.add(record)
+                if trial_events is not None:
+                    trial_events.add(record, trial_log.best)
                 if after_write is not None:
                     after_write()
                 dispatch.stats.candidates += 1
                 _log_progress(record, trial_log, total)
     finally:
         dispatch.close()
+        if trial_events is not None:
+            trial_events.close()
     trials = read_trials(trials_path)
     if len(trials) != len(finished) + to_run:
         raise RuntimeError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 
 import ray
@@ -21,6 +22,8 @@ from dem_ray.core.atomic import replace_dir, write_text_atomic
 from dem_ray.core.mixtures import mixture_id, mixtures, steps_per_mixture
 from dem_ray.core.perplexity import objective, perplexity
 from dem_ray.ray.finetune import FinetuneJob, run_finetunes
+from dem_ray.report.card import made_by, model_files
+from dem_ray.run.tracking import baseline_events
 from dem_ray.stages.base import RunContext, Stage, StageError, Step
 from dem_ray.stages.search import evaluators
 
@@ -86,11 +89,14 @@ class MixturesStage(Stage):
             jobs = [
                 FinetuneJob(f"mixture {s.payload['id']}", ctx.ref(ctx.base_dir), shards,
                             str(layout.mixture(s.payload["id"])), mixture=s.payload["mixture"],
-                            max_steps=steps)
+                            max_steps=steps,
+                            events_dir=str(baseline_events(layout.root, s.payload["id"])),
+                            events_live=not ctx.storage.remote)
                 for s in to_train
             ]  # fmt: skip
 
             def landed(job: str, metrics: dict) -> None:
+                ctx.storage.push([baseline_events(layout.root, by_job[job].payload["id"])])
                 _mark_trained(ctx, by_job[job], metrics)
                 trained[job] = metrics
 
@@ -221,7 +227,10 @@ class BestMixtureStage(Stage):
         if not ctx.cfg.baseline.keep_all:
             shutil.rmtree(layout.mixtures, ignore_errors=True)
             ctx.storage.delete(layout.mixtures)
-        ctx.record(step, [layout.best_mixture],
+        # The model's files only: the model card in it is the report's output, rewritten
+        # after this record (recorded here, it would make this step look damaged).
+        ctx.record(step, model_files(layout.best_mixture),
                    extra={"best": best_id, "weights": entries[best_id]["weights"],
-                          "mixtures": ids, "objectives": scores})  # fmt: skip
+                          "mixtures": ids, "objectives": scores,
+                          "made_by": made_by(sys.argv, self.command, ctx.cfg.source)})  # fmt: skip
         log.info("baseline: best mixture %s -> %s", best_id, ctx.show(layout.best_mixture))

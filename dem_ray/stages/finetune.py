@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dem_ray.config import result_settings
 from dem_ray.ray.finetune import FinetuneJob, run_finetunes
+from dem_ray.run.tracking import finetune_events
 from dem_ray.stages.base import RunContext, Stage, StageError, Step
 
 
@@ -30,12 +31,17 @@ class FinetuneStage(Stage):
         steps = {step.payload["name"]: step for step in todo}
         jobs = [
             FinetuneJob(name, ctx.ref(ctx.base_dir), {name: ctx.ref(layout.shard(name, "train"))},
-                        str(layout.finetune(name)))
+                        str(layout.finetune(name)),
+                        events_dir=str(finetune_events(layout.root, name)),
+                        events_live=not ctx.storage.remote)
             for name in steps
         ]  # fmt: skip
 
         def record(name: str, m: dict) -> None:
             """As each fine-tune lands: a run stopped while others train keeps it."""
+            # Its event files are no output (they never make the fine-tune stale); a bucket
+            # run gets them uploaded.
+            ctx.storage.push([finetune_events(layout.root, name)])
             ctx.record(
                 steps[name],
                 [layout.finetune(name)],

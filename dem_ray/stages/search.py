@@ -28,6 +28,7 @@ from dem_ray.ray.search import (
     warm_start_points,
 )
 from dem_ray.run.study import study_name
+from dem_ray.run.tracking import search_events
 from dem_ray.stages.base import RunContext, Stage, Step
 
 log = logging.getLogger(__name__)
@@ -140,10 +141,11 @@ class SearchStage(Stage):
         # A two-stage search's per-block stage learns every global trial (each is a
         # per-block point with all groups the same, the global best among them) and
         # never evaluates one again.
+        events = search_events(layout.root, "search")
         trials = run_search(cfg, ctx.space, actors, layout.search, inputs=step.digest,
                             fresh=fresh, warm_start=points, known=first, stats=stats,
-                            study=study(ctx, "search", step.digest),
-                            **_upload_each_trial(ctx, layout.trials))  # fmt: skip
+                            study=study(ctx, "search", step.digest), events=events,
+                            **_upload_each_trial(ctx, layout.trials, events))  # fmt: skip
         best = best_trial([*first, *trials])
         trials = [*first, *trials]  # the cost and the count cover both stages
         best_record = {
@@ -183,11 +185,12 @@ def _global_stage(
     n = global_trials(ctx.space, cfg.num_trials)
     path = global_trials_path(ctx)
     log.info("search: two-stage; %d global trials, then %d per block", n, cfg.num_trials - n)
+    events = search_events(ctx.layout.root, "search-global")
     trials = run_search(cfg.model_copy(update={"num_trials": n}), ctx.space.inner(), actors,
                         ctx.layout.search, trials_name=path.name, inputs=f"{inputs}/global",
                         fresh=fresh, evaluate_in=ctx.space, stats=stats,
-                        study=study(ctx, "search-global", inputs),
-                        **_upload_each_trial(ctx, path))  # fmt: skip
+                        study=study(ctx, "search-global", inputs), events=events,
+                        **_upload_each_trial(ctx, path, events))  # fmt: skip
     return _expanded(ctx, trials), cfg.model_copy(update={"num_trials": cfg.num_trials - n})
 
 
@@ -245,11 +248,12 @@ class GridStage(Stage):
         start = time.perf_counter()
         layout = ctx.layout
         stats = SearchStats()
+        events = search_events(layout.root, "search_grid")
         trials = run_search(self.grid_config(ctx), ctx.space, evaluators(ctx), layout.search,
                             trials_name=layout.grid_trials.name, inputs=step.digest,
                             fresh=bool(ctx.options.get("force")), stats=stats,
-                            study=study(ctx, "search_grid", step.digest),
-                            **_upload_each_trial(ctx, layout.grid_trials))  # fmt: skip
+                            study=study(ctx, "search_grid", step.digest), events=events,
+                            **_upload_each_trial(ctx, layout.grid_trials, events))  # fmt: skip
         ctx.record(step, [layout.grid_trials], cost=search_cost(ctx, trials, start, stats))
 
 
@@ -279,12 +283,13 @@ def study(ctx: RunContext, stage: str, inputs: str) -> tuple[str, str] | None:
     return url or f"sqlite:///{ctx.layout.study}", study_name(stage, inputs)
 
 
-def _upload_each_trial(ctx: RunContext, trials_path: Path) -> dict:
+def _upload_each_trial(ctx: RunContext, trials_path: Path, events: Path) -> dict:
     """A bucket run gets each finished trial uploaded, so a search resumed on another
-    machine keeps it (and the study file, when it is the run dir's)."""
+    machine keeps it (and the study file, when it is the run dir's; and the stage's
+    TensorBoard events)."""
     if not ctx.storage.remote:
         return {}
-    paths = [trials_path, inputs_marker(trials_path)]
+    paths = [trials_path, inputs_marker(trials_path), events]
     if ctx.cfg.search.storage is None:
         paths.append(ctx.layout.study)
     return {"after_write": lambda: ctx.storage.push(paths)}
