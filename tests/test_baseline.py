@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
 import subprocess
 
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -178,8 +181,14 @@ def test_markdown_and_html_show_the_numbers_of_the_json(compared):
     for text in (markdown, page):
         assert expected <= _numbers(text), expected - _numbers(text)
         assert report["summary"] in text.replace("&#x27;", "'").replace("&quot;", '"')
-    # search, search vs grid, cost, vector similarity
-    assert page.count("data:image/png;base64,") == 4
+    # per dataset, search, search vs grid, cost, vector similarity: each a whole PNG
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) == 5
+    for data in images:
+        image = PIL.Image.open(io.BytesIO(base64.b64decode(data)))
+        image.load()  # decodes every pixel: a cut-short or broken image raises here
+        assert image.width > 300 and image.height > 200
+        assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 2  # not blank
 
 
 def test_a_report_without_a_baseline_drops_the_earlier_plots(compared, tmp_path):

@@ -187,6 +187,10 @@ def test_write_report_writes_the_plot_and_html_embeds_it(tmp_path):
     assert "<h2>Downstream tasks</h2><p>lm-evaluation-harness 0.4.13" in page
     assert "<td>0.410 ± 0.050</td>" in page and "<td>merged</td>" in page
     assert "<img alt='Downstream scores' src='data:image/png;base64," in page
+    per_dataset = out / "per_dataset.png"  # every report: test perplexity per dataset
+    assert per_dataset in written and per_dataset.read_bytes().startswith(PNG)
+    assert "<img alt='Per dataset' src='data:image/png;base64," in page
+    assert "![Per dataset](per_dataset.png)" in (out / "report.md").read_text()
 
     # The same directory, a report without downstream scores: as before, and the plot goes.
     plain = _plain_report()

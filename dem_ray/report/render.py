@@ -448,9 +448,31 @@ def plot_downstream(report: dict, path: Path) -> None:
     _save(fig, plt, path)
 
 
+def plot_per_dataset(report: dict, path: Path) -> None:
+    """Test perplexity per dataset, one bar per model (base, each specialist, DEM, the best
+    mixture): where the merged model stands against each specialist on its own data."""
+    plt = _figure()
+    ppl = report["test_ppl"]
+    specialists = sorted(m for m in ppl if m.startswith("finetuned/"))
+    models = [m for m in ("base", *specialists, "dem", "baseline/best") if m in ppl]
+    names = report["datasets"]
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) * len(models) ** 0.5), 3.5), dpi=110)
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [ppl[model][n] for n in names], width, label=model)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_title("Per dataset")
+    ax.legend(fontsize="small")
+    _save(fig, plt, path)
+
+
 def write_report(report: dict, search_dir: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots: dict[str, Path] = {"Search": out_dir / "search.png"}
+    plots: dict[str, Path] = {"Per dataset": out_dir / "per_dataset.png",
+                              "Search": out_dir / "search.png"}  # fmt: skip
+    plot_per_dataset(report, plots["Per dataset"])
     plot_search(read_trials(search_dir / "trials.jsonl"), plots["Search"])
     if "search_comparison" in report:
         plots["Search against the grid"] = out_dir / "search_compare.png"
