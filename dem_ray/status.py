@@ -36,6 +36,7 @@ from dem_ray.run.manifest import Manifest
 from dem_ray.run.trials import full_objective, inputs_marker, made_with, read_trials
 from dem_ray.stages import COMMANDS, PREREQUISITES, STAGES, RunContext, Stage, StageError, Step
 from dem_ray.stages.baseline import planned_mixtures
+from dem_ray.stages.search import global_trials_path, wanted_trials
 
 PENDING = "\x00pending:"  # a marker's prefix: no recorded value starts with it
 # Fields of a pending record a later step may read as they are: where it is, and what the
@@ -259,7 +260,7 @@ def _step_status(ctx: StatusContext, stage: Stage, step: Step, opaque: set[str],
             reasons.append(f"{ctx.show(path)} {why}")
         else:
             have = entry.get("num_trials")
-            reasons.append(f"{have} of {_wanted(ctx)} trials" if stage.name == "search"
+            reasons.append(f"{have} of {wanted_trials(ctx)} trials" if stage.name == "search"
                            else "more asked for than recorded")  # fmt: skip
     line.detail = "; ".join(reasons)
     return line
@@ -320,27 +321,22 @@ def _read_remote(storage, rel: str) -> str | None:
         return None
 
 
-def _wanted(ctx: RunContext) -> int:
-    cfg = ctx.cfg.search
-    return len(ctx.space.grid(cfg.grid_step)) if cfg.algorithm == "grid" else cfg.num_trials
-
-
 def _trials(ctx: StatusContext, step: Step | None) -> dict:
     """Trials finished of those asked for, the best so far, and whether a run keeps them."""
     layout = ctx.layout
     logs = [layout.trials]
     if ctx.space.two_stage:
-        logs.append(layout.search / "global_trials.jsonl")
+        logs.append(global_trials_path(ctx))
     trials: list[dict] = []
     try:
         for path in logs:
             trials += _read_trial_log(ctx, path)
     except RuntimeError as exc:
-        return {"done": None, "total": _wanted(ctx), "best": None, "error": str(exc)}
+        return {"done": None, "total": wanted_trials(ctx), "best": None, "error": str(exc)}
     scores = [full_objective(t) for t in trials]
     best = min((s for s in scores if math.isfinite(s)), default=None)
     kept = step is not None and bool(trials) and _made_with(ctx, layout.trials, step.digest)
-    return {"done": len(trials), "total": _wanted(ctx), "best": best,
+    return {"done": len(trials), "total": wanted_trials(ctx), "best": best,
             "objective": ctx.cfg.search.objective, "kept": kept}  # fmt: skip
 
 

@@ -12,13 +12,10 @@ nothing). No Ray here.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Iterable
 
 from dem_ray.core.spaces import Space
-
-log = logging.getLogger(__name__)
 
 
 def study_name(stage: str, inputs: str) -> str:
@@ -32,8 +29,6 @@ class StudyExport:
     def __init__(self, url: str, name: str, space: Space, finished: Iterable[dict] = ()) -> None:
         import optuna
 
-        self.url = url
-        self.name = name
         self.space = space
         self._optuna = optuna
         storage = optuna.storages.RDBStorage(url) if "://" in url else url

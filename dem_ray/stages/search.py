@@ -105,7 +105,7 @@ class SearchStage(Stage):
             "space": Path(ctx.space.source).read_text(),
             "scoring": scoring_inputs(ctx),
         }
-        wanted = len(ctx.space.grid(cfg.grid_step)) if cfg.algorithm == "grid" else cfg.num_trials
+        wanted = wanted_trials(ctx)
         layout = ctx.layout
         reads = [layout.trials, inputs_marker(layout.trials), layout.study]
         if ctx.space.two_stage:
@@ -170,6 +170,12 @@ class SearchStage(Stage):
                    cost=search_cost(ctx, trials, start, stats),
                    extra={"vectors": ctx.vector_hashes(), "num_trials": len(trials),
                           "update": update, "best_weights": best["weights"]})  # fmt: skip
+
+
+def wanted_trials(ctx: RunContext) -> int:
+    """The trials a finished search has: every grid point for `grid`, else `num_trials`."""
+    cfg = ctx.cfg.search
+    return len(ctx.space.grid(cfg.grid_step)) if cfg.algorithm == "grid" else cfg.num_trials
 
 
 def global_trials_path(ctx: RunContext) -> Path:
