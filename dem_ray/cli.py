@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import sys
+import time
 
 from dem_ray.config import ConfigError, load_config
 from dem_ray.core.merge import MergeError
@@ -13,13 +14,18 @@ from dem_ray.core.spaces import SpaceError
 from dem_ray.core.vectors import VectorError
 from dem_ray.data.readers import DataError
 from dem_ray.models.base import ModelError
+from dem_ray.run.console import DATE_FORMAT, LOG_DIR, LOG_FORMAT, Console
 from dem_ray.run.storage import StorageError
+
+log = logging.getLogger("dem_ray.cli")
 
 USER_ERRORS = (
     ConfigError, DataError, ModelError, VectorError, SpaceError, MergeError, StorageError,
 )  # fmt: skip
 
 
+VERBOSE_HELP = ("also show Ray's and the workers' output, which by default goes to "
+                "RUN_DIR/logs/ only")  # fmt: skip
 STATUS_HELP = "what a run would do now: each step done, stale (and why), missing or running"
 
 
@@ -36,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "then search the mixture of distribution vectors by validation perplexity.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in stage_help().items():
         p = sub.add_parser(name, help=text, description=text)
@@ -47,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="re-hash every recorded output instead of trusting unchanged sizes and times",
         )
         p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help=VERBOSE_HELP)  # fmt: skip
         if name == "merge":
             p.add_argument(
                 "--weights", help="explicit weights, e.g. code=0.6,chat=0.4 (default: the best)"
@@ -87,11 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    if args.command in ("corpora", "status"):  # a stage command's console sets up its own
+        logging.basicConfig(
+            level=logging.WARNING if args.quiet else logging.INFO,
+            format=LOG_FORMAT,
+            datefmt=DATE_FORMAT,
+        )
     # Optuna logs every study it creates at INFO (the sampler's, the exported one): noise.
     logging.getLogger("optuna").setLevel(logging.WARNING)
     try:
@@ -145,14 +155,28 @@ def _run_stages(args, config) -> int:
     from dem_ray.stages import COMMANDS
 
     pipeline = Pipeline(config, ray_address=args.ray_address, verify=args.verify)
-    # Ray prints progress to stdout; keep stdout for what the command answers.
-    with contextlib.redirect_stdout(sys.stderr):
-        if args.command == "run":
-            pipeline.run(tuple(COMMANDS), force=args.force)
-        elif args.command == "merge" and args.weights:
-            pipeline.run(("merge",), force=True, weights=_parse_weights(args.weights))
-        else:
-            pipeline.run((args.command,), force=args.force)
+    # One folder per command: a bucket run dir's logs from several machines never collide.
+    logs = pipeline.run_dir / LOG_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.command}"
+    console = Console(logs, verbose=args.verbose, quiet=args.quiet)
+    console.open(header=f"dem-ray {args.command} {args.config}")
+    try:
+        log.info("logs: %s%s", pipeline.show(logs),
+                 "" if args.verbose else " (-v shows Ray's and the workers' output here too)")  # fmt: skip
+        # Keep stdout for what the command answers: stray prints go to the logs.
+        with contextlib.redirect_stdout(console.stdout_sink):
+            if args.command == "run":
+                pipeline.run(tuple(COMMANDS), force=args.force)
+            elif args.command == "merge" and args.weights:
+                pipeline.run(("merge",), force=True, weights=_parse_weights(args.weights))
+            else:
+                pipeline.run((args.command,), force=args.force)
+    finally:
+        # fd 2 stays on driver.log: Ray's C++ side still writes while the process exits.
+        console.close(restore_fd=False)
+        try:
+            pipeline.storage.push([logs])
+        except Exception as exc:  # noqa: BLE001 - the run's own outcome is what to report
+            log.warning("could not upload %s: %s", pipeline.show(logs), exc)
     print(f"stages run: {', '.join(pipeline.ran) or 'none'}")
     print(f"stages skipped (up to date): {', '.join(pipeline.skipped) or 'none'}")
     if args.command in ("run", "report"):

@@ -179,6 +179,15 @@ def test_job_runs_the_pipeline(ray_head, tiny_base, tiny_data, make_config, tmp_
         "merged weights:",
     ):
         assert line in logs, f"{line!r} missing from the job log:\n{logs[-3000:]}"
+    # Only dem-ray's lines: Ray's own (controller, raylet, core worker, worker prefixes,
+    # event markers) are in the run dir's logs instead.
+    for internal in ("TrainController", "(raylet)", "core_worker", "pid=", "::dem-ray-event::",
+                     "View detailed results", "Loading weights"):  # fmt: skip
+        assert internal not in logs, f"{internal!r} in the job log:\n{logs[-3000:]}"
+    [logs_dir] = (run_dir / "logs").iterdir()  # one command, one folder
+    assert logs_dir.name.endswith("-run") and f"logs: {logs_dir}" in logs
+    assert "TrainController" in (logs_dir / "workers.log").read_text()
+    assert "stage finetune/numbers: running" in (logs_dir / "dem-ray.log").read_text()
     for path in (
         "manifest.json",
         "finetune/numbers/model.safetensors",

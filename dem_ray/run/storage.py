@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dem_ray.core.atomic import atomic_file
+from dem_ray.run.console import DOWNLOAD_EVENT_BYTES, emit
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,14 @@ class RunStorage:
                     log.info("storage: %s is not in %s; removed from the mirror", name,
                              self.display)  # fmt: skip
                     path.unlink()
-        fetched = 0
-        for name, (size, mtime) in sorted(remote.items()):
-            local = self.local / name
-            if _same(local, size, mtime):
-                continue
-            self._download(name, local, mtime)
-            fetched += 1
+        todo = [
+            (n, s, m) for n, (s, m) in sorted(remote.items()) if not _same(self.local / n, s, m)
+        ]
+        progress = _DownloadProgress(rel or "the run", sum(size for _, size, _ in todo))
+        for name, _, mtime in todo:
+            self._download(name, self.local / name, mtime, progress)
+        progress.finish()
+        fetched = len(todo)
         if fetched:
             log.info("storage: fetched %d file(s) of %s from %s", fetched, rel or "the run",
                      self.display)  # fmt: skip
@@ -237,15 +239,44 @@ class RunStorage:
         if mtime is not None:  # the local copy now counts as current (see `pull`)
             os.utime(path, ns=(mtime, mtime))
 
-    def _download(self, rel: str, local: Path, mtime: int | None) -> None:
+    def _download(
+        self, rel: str, local: Path, mtime: int | None, progress: _DownloadProgress | None = None
+    ) -> None:
         with (
             atomic_file(local, "wb") as dst,
             self.fs.open_input_stream(f"{self.root}/{rel}") as src,
         ):
             for block in iter(lambda: src.read(_CHUNK), b""):
                 dst.write(block)
+                if progress is not None:
+                    progress.add(len(block))
         if mtime is not None:
             os.utime(local, ns=(mtime, mtime))
+
+
+class _DownloadProgress:
+    """Bytes fetched of a pull, as console events (a bar on a terminal), for pulls large
+    enough to wait on; at most one event per DOWNLOAD_EVENT_BYTES, so a worker's pull
+    adds a few lines to its log stream, not one per chunk."""
+
+    MIN_BYTES = 16 << 20
+
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.done, self.shown = name, total, 0, 0
+        self.on = total >= self.MIN_BYTES
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.on and self.done - self.shown >= DOWNLOAD_EVENT_BYTES:
+            self._emit()
+
+    def finish(self) -> None:
+        if self.on and self.shown < self.done:
+            self._emit()
+
+    def _emit(self) -> None:
+        self.shown = self.done
+        emit("download", name=self.name, done=self.done, total=self.total, logger=__name__)
 
 
 def _mtime_ns(info) -> int | None:
