@@ -52,6 +52,8 @@ from dem_ray.core.perplexity import objective, perplexity
 from dem_ray.core.spaces import Space
 from dem_ray.ray.dispatch import Dispatch, SearchStats
 from dem_ray.run.asha import SuccessiveHalving
+from dem_ray.run.console import emit
+from dem_ray.run.external_tracking import RunSpec, search_run
 from dem_ray.run.study import StudyExport
 from dem_ray.run.tracking import TrialEvents
 from dem_ray.run.trials import (
@@ -308,6 +310,7 @@ def run_search(
     stats: SearchStats | None = None,
     study: tuple[str, str] | None = None,
     events: Path | None = None,
+    tracking: RunSpec | None = None,
 ) -> list[dict]:
     """Run the search; return the finished trials in order (also in out_dir/trials_name).
 
@@ -328,9 +331,12 @@ def run_search(
     (`dem_ray.run.study`), rebuilt from the trial log when the search starts.
     `events`: a dir for TensorBoard event files of each trial's objective and the best so
     far (`dem_ray.run.tracking`), rewritten from the trial log when the search starts.
+    `tracking`: with `events`, a new MLflow / W&B run of the same, and of each trial's
+    weights (`dem_ray.run.external_tracking`; the kept trials replayed into it).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials_path = out_dir / trials_name
+    label = Path(trials_name).name.removesuffix(".jsonl").replace("trials", "search")
     finished = resume_trials(trials_path, inputs, fresh)
     slices = cfg.slices if cfg.scheduler == "asha" else 1
     in_flight = cfg.max_concurrent or 2 * len(evaluators)
@@ -372,7 +378,10 @@ def run_search(
         halving = SuccessiveHalving(cfg.grace_slices, slices, cfg.reduction_factor)
     trial_log = TrialLog(trials_path, finished)
     export = StudyExport(study[0], study[1], space, finished) if study else None
-    trial_events = TrialEvents(events, finished) if events is not None else None
+    trial_events = None
+    if events is not None:
+        extra = search_run(tracking, inputs, len(finished))
+        trial_events = TrialEvents(events, finished, extra)
     target = evaluate_in or space
     dispatch = Dispatch(evaluators, stats)
     tag = uuid.uuid4().hex[:8]
@@ -438,7 +447,7 @@ def run_search(
                 if after_write is not None:
                     after_write()
                 dispatch.stats.candidates += 1
-                _log_progress(record, trial_log, total)
+                _log_progress(record, trial_log, total, label)
     finally:
         dispatch.close()
         if trial_events is not None:
@@ -456,13 +465,15 @@ def _show(weights: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in weights.items())
 
 
-def _log_progress(record: dict, trial_log: TrialLog, total: int) -> None:
+def _log_progress(record: dict, trial_log: TrialLog, total: int, stage: str) -> None:
     what = "objective" if record["complete"] else f"stopped after slice {record['slices_done']}:"
     best = "none yet"
     if trial_log.best is not None:
         best = f"{trial_log.best['objective']:.4f} ({_show(trial_log.best['weights'])})"
-    log.info("search: trial %d/%d %s %.4f; best %s", trial_log.done, total, what,
-             record["objective"], best)  # fmt: skip
+    line = f"search: trial {trial_log.done}/{total} {what} {record['objective']:.4f}; best {best}"
+    best_value = None if trial_log.best is None else trial_log.best["objective"]
+    emit("trial", stage=stage, done=trial_log.done, total=total, best=best_value, line=line,
+         logger=__name__)  # fmt: skip
 
 
 def resume_hints(finished: list[dict], space: Space) -> dict:

@@ -79,10 +79,14 @@ class StepEvents:
     or else a temp dir, starting from the events in the checkpoint it resumes from.
 
     Events of steps after that checkpoint (written by a worker that was lost) are dropped,
-    so a restarted fine-tune has every step once.
+    so a restarted fine-tune has every step once. `extra`: a sink (`write`, `close`) that
+    gets every step too (MLflow, W&B: `dem_ray.run.external_tracking`).
     """
 
-    def __init__(self, live_dir: str | Path | None, checkpoint: Path | None = None) -> None:
+    def __init__(
+        self, live_dir: str | Path | None, checkpoint: Path | None = None, extra=None
+    ) -> None:
+        self.extra = extra
         self.temp = live_dir is None
         self.dir = Path(tempfile.mkdtemp(prefix="dem_ray_events_") if self.temp else live_dir)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -93,13 +97,20 @@ class StepEvents:
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.writer.write(step, values)
+        if self.extra is not None:
+            self.extra.write(step, values)
 
     def save_into(self, checkpoint_dir: Path) -> None:
-        """Put the events so far into a checkpoint about to be reported."""
+        """Put the events so far into a checkpoint about to be reported (and the extra
+        sink's steps into its tracker: a restarted worker never replays those steps)."""
         shutil.copytree(self.dir, Path(checkpoint_dir) / EVENTS)
+        if self.extra is not None:
+            self.extra.flush()
 
     def close(self) -> None:
         self.writer.close()
+        if self.extra is not None:
+            self.extra.close()
 
     def discard(self) -> None:
         """Remove the temp dir, once the last checkpoint holds the events."""
@@ -124,11 +135,14 @@ class TrialEvents:
 
     Rewritten from the trials kept at each start, so the event files always say what the
     trial log says: a fresh search drops the old ones, a resumed one replays its kept trials.
+    `extra`: a sink (`write`, `close`; a new tracker run each start) that gets the same, and
+    each trial's weights as `weight/<key>`.
     """
 
-    def __init__(self, logdir: Path, finished: list[dict]) -> None:
+    def __init__(self, logdir: Path, finished: list[dict], extra=None) -> None:
         shutil.rmtree(logdir, ignore_errors=True)
         self.writer = ScalarWriter(logdir)
+        self.extra = extra
         best = None
         for trial in finished:
             if _better(trial, best):
@@ -141,9 +155,14 @@ class TrialEvents:
         if best is not None:
             values["best_objective"] = best["objective"]
         self.writer.write(record["trial"], values, flush=flush)
+        if self.extra is not None:
+            weights = {f"weight/{k}": v for k, v in record.get("weights", {}).items()}
+            self.extra.write(record["trial"], {**values, **weights})
 
     def close(self) -> None:
         self.writer.close()
+        if self.extra is not None:
+            self.extra.close()
 
 
 def _better(trial: dict, best: dict | None) -> bool:
