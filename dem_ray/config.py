@@ -35,6 +35,8 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from dem_ray.core.sizes import SIZE_HELP, parse_size
+
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the file and key."""
@@ -46,6 +48,8 @@ Scheduler = Literal["none", "asha"]
 MergeMethodName = Literal["linear", "ties", "dare_linear", "dare_ties"]
 Autocast = Literal["none", "bfloat16", "float16"]
 VectorDtype = Literal["float32", "bfloat16", "float16"]
+LrSchedule = Literal["constant", "cosine", "linear"]
+Precision = Literal["fp32", "bf16-mixed"]
 DataFormat = Literal["text", "chat", "prompt_completion"]
 PrepareEngine = Literal["auto", "local", "ray"]
 BaseKind = Literal["gguf", "dir", "hub"]
@@ -308,10 +312,20 @@ class FinetuneConfig(_Placed):
 
     cpu_key: ClassVar[str] = "cpus_per_worker"
     gpu_key: ClassVar[str] = "gpus_per_worker"
+    # Result keys added after runs were recorded: hashed only when set to something other
+    # than their default, so a run dir made before they existed keeps its fine-tunes (each
+    # default is what those runs did). `precision: null` resolves per device in the worker
+    # (the manifest records the resolved one); an explicit value is hashed as given.
+    added_later: ClassVar[frozenset[str]] = frozenset(
+        {"lr_schedule", "min_lr_ratio", "grad_accum_steps", "precision"}
+    )
 
     max_steps: int = Field(60, gt=0, description="optimizer steps per fine-tune")
     batch_size: int = Field(
-        8, gt=0, description="rows per step per worker (global batch = `batch_size x num_workers`)"
+        8,
+        gt=0,
+        description="rows per micro-batch per worker (global batch = `batch_size x "
+        "grad_accum_steps x num_workers`)",
     )
     seq_len: int = Field(
         128,
@@ -325,10 +339,43 @@ class FinetuneConfig(_Placed):
     learning_rate: float = Field(
         1.0e-4,
         gt=0,
-        description="AdamW learning rate (constant after warm-up), gradients clipped at 1.0",
+        description="AdamW peak learning rate (reached after warm-up, then as `lr_schedule` "
+        "says), gradients clipped at 1.0",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    lr_schedule: LrSchedule = Field(
+        "constant",
+        description="the learning rate after warm-up: `constant`, or `linear` / `cosine` decay "
+        "to `min_lr_ratio` x the peak at `max_steps`",
+    )
+    min_lr_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="where `linear` and `cosine` end, as a share of `learning_rate`",
+        json_schema_extra=_meta(error=_PLAIN_RANGE),
+    )
+    grad_accum_steps: int = Field(
+        1,
+        gt=0,
+        description="micro-batches of `batch_size` rows per optimizer step (each step trains "
+        "`batch_size x grad_accum_steps x num_workers` rows)",
+    )
+    precision: Precision | None = Field(
+        None,
+        description="`fp32`, or `bf16-mixed` (forward and backward under bf16 autocast); "
+        "both keep fp32 master weights and AdamW state (a bf16 base is upcast) and save the "
+        "fine-tune in fp32. Default: `bf16-mixed` on a GPU that has bf16, else `fp32`; the "
+        "manifest records the one used",
+        json_schema_extra=_meta(shown="bf16-mixed on GPU, fp32 on CPU"),
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute activations in the backward pass: less memory, one more forward "
+        "pass of compute a step, the same result",
+        json_schema_extra=_meta(_RESOURCE),
+    )
     num_workers: int = Field(1, gt=0, description="Ray Train workers per fine-tune (DDP when > 1)")
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs Ray reserves per worker", json_schema_extra=_meta(_RESOURCE)
@@ -760,6 +807,38 @@ class DownstreamConfig(_Section):
         return tuple(m for m in order if m in wanted)
 
 
+class MergeConfig(_Section):
+    """How `merge` writes the composite (and the fine-tunes their weights); never what the
+    tensors hold."""
+
+    max_shard_size: str = Field(
+        "5GB",
+        description="the largest weight file of a written model (`merged/`, and each "
+        "fine-tune): bigger models are saved as Hugging Face shards `model-0000i-of-0000N."
+        "safetensors` with a `model.safetensors.index.json`; `500KB`, `100MB`, `5GB` (powers "
+        "of 1000) or `KiB`, `MiB`, `GiB` (powers of 1024). A tensor larger than this gets a "
+        "file of its own",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _a_size(cls, value: Any) -> Any:
+        try:
+            if not isinstance(value, str):  # a number of bytes is written with its unit: 5GB
+                raise ValueError(value)
+            parse_size(value)
+        except ValueError:
+            raise _Problem("'{key}' must be {help}, got {got}", help=SIZE_HELP,
+                           got=_got(value)) from None  # fmt: skip
+        return value
+
+    @property
+    def shard_bytes(self) -> int:
+        """`max_shard_size` in bytes."""
+        return parse_size(self.max_shard_size)
+
+
 class CostConfig(_Section):
     """Prices that turn measured device-seconds into money, per kind of device."""
 
@@ -767,6 +846,97 @@ class CostConfig(_Section):
         3.0, ge=0, description="price of a GPU-hour, for the report's USD column"
     )
     usd_per_cpu_hour: float = Field(0.05, ge=0, description="price of a CPU core-hour")
+
+
+WandbMode = Literal["online", "offline", "disabled"]
+
+
+def _needs_package(module: str, extra: str) -> None:
+    """An experiment tracker named in the config must be installed: fail at load, not after
+    the fine-tunes (the check finds the package without importing it)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or a module blocked by sys.modules
+        found = False
+    if not found:
+        raise _Problem("{key} needs {module}: pip install 'dem-ray[{extra}]'", module=module,
+                       extra=extra)  # fmt: skip
+
+
+class MlflowConfig(_Section):
+    """An MLflow experiment that mirrors the TensorBoard scalars (`dem-ray[mlflow]`)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="where MLflow keeps runs: `http(s)://` a tracking server (on a cluster, one "
+        "every node reaches), `sqlite:///PATH`, or a directory (a file store; relative paths "
+        "from the working directory). Default: `MLFLOW_TRACKING_URI`, else MLflow's own",
+        json_schema_extra=_meta(_RESOURCE, shown="MLflow's default"),
+    )
+    experiment: str = Field(
+        "dem-ray",
+        min_length=1,
+        description="the MLflow experiment the runs go to (created when missing)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+
+    @model_validator(mode="after")
+    def _installed(self) -> MlflowConfig:
+        _needs_package("mlflow", "mlflow")
+        return self
+
+
+class WandbConfig(_Section):
+    """A Weights & Biases project that mirrors the TensorBoard scalars (`dem-ray[wandb]`)."""
+
+    project: str = Field(
+        "dem-ray", min_length=1, description="the W&B project", json_schema_extra=_meta(_RESOURCE)
+    )
+    mode: WandbMode = Field(
+        "online",
+        description="`online` (needs `WANDB_API_KEY` or `wandb login` on every node), "
+        "`offline` (runs kept in `RUN_DIR/wandb/` or `WANDB_DIR`, for `wandb sync`), `disabled`",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    entity: str | None = Field(
+        None,
+        min_length=1,
+        description="the W&B team or user (default: the API key's)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+
+    @model_validator(mode="after")
+    def _installed(self) -> WandbConfig:
+        _needs_package("wandb", "wandb")
+        return self
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers beside the TensorBoard event files, which are always written: a
+    run per fine-tune (each step's loss, lr, tokens/s) and per search stage (each trial's
+    objective, best so far and weights). No stage hashes this section."""
+
+    mlflow: MlflowConfig | None = Field(
+        None,
+        description="an MLflow experiment (`{}` or `true`: every default)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+    wandb: WandbConfig | None = Field(
+        None,
+        description="a W&B project (`{}` or `true`: every default)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+
+    @field_validator("mlflow", "wandb", mode="before")
+    @classmethod
+    def _on_or_off(cls, value: Any) -> Any:
+        """`true` turns a tracker on with its defaults; `false` or `null` leaves it off."""
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 @dataclass(frozen=True)
@@ -819,10 +989,13 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
     baseline: BaselineConfig | None = None
     downstream: DownstreamConfig | None = None
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    # No stage hashes it (each hashes its own sections), so tracking never re-runs one.
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     # Not a key of the file: `parse_config` sets it, and it is left out of dumps.
     source: str = Field("<dict>", exclude=True)
 
@@ -847,7 +1020,7 @@ class RunConfig(_Strict):
                 raise _Problem("missing required key '{key}'", below=key)
         return data if source is None else {**data, "source": source}
 
-    @field_validator("finetune", "search", "evaluator", "cost", mode="before")
+    @field_validator("finetune", "search", "evaluator", "merge", "cost", "tracking", mode="before")
     @classmethod
     def _empty_section_takes_defaults(cls, value: Any) -> Any:
         return {} if value is None else value
@@ -954,7 +1127,11 @@ def field_role(info: FieldInfo) -> Role:
 def result_settings(section: BaseModel) -> dict[str, Any]:
     """`section.model_dump()` without its resource and extent fields: what a stage hashes to
     decide whether to re-run, so placement, logging or a longer search never re-run it."""
-    skip = {n for n, f in type(section).model_fields.items() if field_role(f) != "result"}
+    fields = type(section).model_fields
+    skip = {n for n, f in fields.items() if field_role(f) != "result"}
+    # A section's `added_later` keys are left out at their default (see FinetuneConfig).
+    later = getattr(type(section), "added_later", frozenset())
+    skip |= {n for n in later if getattr(section, n) == fields[n].get_default()}
     return section.model_dump(exclude=skip)
 
 

@@ -16,9 +16,13 @@ from dem_ray.config import (
     DownstreamConfig,
     EvaluatorConfig,
     FinetuneConfig,
+    MergeConfig,
+    MlflowConfig,
     PrepareConfig,
     RunConfig,
     SearchConfig,
+    TrackingConfig,
+    WandbConfig,
     config_table_markdown,
     main,
     readme_with_config_table,
@@ -32,10 +36,14 @@ MODELS: list[type[BaseModel]] = [
     FinetuneConfig,
     SearchConfig,
     EvaluatorConfig,
+    MergeConfig,
     BaselineConfig,
     DownstreamConfig,
     CostConfig,
     PrepareConfig,
+    TrackingConfig,
+    MlflowConfig,
+    WandbConfig,
 ]
 
 
@@ -66,10 +74,12 @@ def test_every_key_is_documented(model) -> None:
             "finetune",
             "search",
             "evaluator",
+            "merge",
             "baseline",
             "downstream",
             "prepare",
             "cost",
+            "tracking",
         }
         if model is RunConfig and (nested or info.exclude):
             continue
@@ -85,12 +95,15 @@ def test_table_lists_every_key_once_in_field_order() -> None:
         ("finetune", FinetuneConfig),
         ("search", SearchConfig),
         ("evaluator", EvaluatorConfig),
+        ("merge", MergeConfig),
         ("baseline", BaselineConfig),
         ("downstream", DownstreamConfig),
         ("prepare", PrepareConfig),
         ("cost", CostConfig),
     ]:
         expected += [f"`{prefix}.{k}`" for k in model.model_fields]
+    for tracker, model in [("mlflow", MlflowConfig), ("wandb", WandbConfig)]:
+        expected += [f"`tracking.{tracker}.{k}`" for k in model.model_fields]
     assert keys == expected
     assert "`source`" not in keys  # not a key of the file
 

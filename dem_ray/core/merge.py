@@ -1,9 +1,16 @@
 """theta = theta_0 + sum_i w_i v_i: resident in a live model, and streamed to disk.
 
 `ResidentMerge` re-points every parameter of a live model at a view into one flat
-buffer, and keeps theta_0 and the stacked vectors as flat buffers beside it. A
-candidate is then one `addmv` over all parameters, written straight into the
+buffer, and keeps theta_0 (in the model's dtype) and the stacked vectors as flat
+buffers beside it. A candidate is then one pass of `merge_methods.combine` over all
+parameters, chunk by chunk through reused float32 scratch, written straight into the
 model's weights: no allocation, no disk, no model re-creation. Pure torch.
+
+`merge_to_dir` runs the same `combine` on the same inputs (theta_0 as stored, the
+vectors rounded to the evaluators' `vector_dtype`), so the directory it writes holds,
+bit for bit, the weights the search scored. It streams: the shards are planned from
+the base's safetensors headers, and each tensor is read, merged and appended to its
+shard file part by part, so the composite is never whole in memory.
 
 Other merge methods (ties, DARE; `merge_methods`) and per-block coefficients (one
 weight per dataset and block group; `blocks`) use the same buffers: the vectors are
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -31,15 +39,29 @@ from dem_ray.core.merge_methods import (
     check_method,
     check_weights,
     combine,
+    float32_weights,
     prepare,
 )
-from dem_ray.core.vectors import DTYPES, VectorError, save_tensors, tensor_index
+from dem_ray.core.safetensors_io import (
+    INDEX_NAME,
+    SafetensorsFormatError,
+    TensorReader,
+    TensorWriter,
+    plan_shards,
+)
+from dem_ray.core.sizes import parse_size
+from dem_ray.core.vectors import DTYPES, VectorError, tensor_index
 
 log = logging.getLogger(__name__)
 
 MODEL_SIDE_FILES = ("config.json", "generation_config.json")
-# Elements per chunk of a mixed-dtype merge (bf16/fp16 vectors into fp32 weights).
-MIX_CHUNK = 1 << 22
+# Elements per chunk of `combine`'s float32 scratch: on a CPU, small enough that the
+# chunk's passes stay in cache; on a GPU, large enough that kernel launches do not count.
+MIX_CHUNK = 1 << 18
+CUDA_CHUNK = 1 << 22
+# Elements per read of `merge_to_dir`: each tensor is read, merged and written in parts.
+STREAM_CHUNK = 1 << 20
+DEFAULT_SHARD_SIZE = "5GB"  # `merge.max_shard_size`'s default
 
 
 def unique_parameters(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -125,16 +147,15 @@ class ResidentMerge:
             elif n:
                 self.segments.append((offset, offset + n, group))
             offset += n
-        self.base = self.live.clone()
-        # One row of weights per block group (a single row without groups), reused.
-        self._wmat = torch.zeros((_group_count(self.groups), self.k), dtype=dtype, device=device)
+        self.base = self.live.clone()  # theta_0 in the model's own dtype, upcast per chunk
+        # One row of weights per block group (a single row without groups), as float32: what
+        # the last apply() multiplied by.
+        self._wmat = torch.zeros((_group_count(self.groups), self.k), dtype=torch.float32)
         self._weights = self._wmat[0]
-        # Mixed dtypes: one reusable scratch in the weights' dtype, so apply() allocates
-        # nothing per candidate (measured 3.3-3.8x faster than converting each chunk afresh).
-        # The ties combination needs a few chunk-sized buffers more.
+        # combine()'s float32 scratch, made once: apply() allocates nothing per candidate.
         self._scratch = None
-        if self.k and (self.vectors.dtype != dtype or METHODS[self.method].elect):
-            chunk = min(MIX_CHUNK, total)
+        if self.k:
+            chunk = min(CUDA_CHUNK if device.type == "cuda" else MIX_CHUNK, max(total, 1))
             self._scratch = Scratch(self.method, self.k, chunk, dtype, device, self.vectors.dtype)
 
     def apply(self, weights: Sequence[float]) -> None:
@@ -147,11 +168,10 @@ class ResidentMerge:
             self.live.copy_(self.base)
             return
         weights = check_weights(self.method, weights)
-        rows = _group_count(self.groups)
-        columns = [tuple(weights[i * rows + j] for i in range(self.k)) for j in range(rows)]
-        self._wmat.copy_(torch.tensor(weights, dtype=self._wmat.dtype).view(self.k, rows).t())
-        # Adjacent runs whose groups carry the same weights merge as one run, so equal
-        # weights across groups compute exactly the global merge (and in fewer calls).
+        columns = _columns(weights, self.k, self.groups)
+        self._wmat.copy_(torch.tensor(columns, dtype=torch.float32))
+        # Adjacent runs whose groups carry the same weights merge as one run (fewer calls;
+        # the result is the same either way: combine's elements do not depend on the runs).
         runs: list[list[int]] = []
         for start, end, group in self.segments:
             if runs and runs[-1][1] == start and columns[runs[-1][2]] == columns[group]:
@@ -162,7 +182,7 @@ class ResidentMerge:
             combine(
                 self.base[start:end],
                 self.vectors[:, start:end],
-                self._wmat[group],
+                columns[group],
                 self.method,
                 self.live[start:end],
                 self._scratch,
@@ -247,6 +267,13 @@ def _check_names(names: Sequence[str] | None, k: int) -> list[str]:
     return names
 
 
+def _columns(weights: Sequence[float], k: int, groups: int | None) -> list[tuple[float, ...]]:
+    """Per block group (one without groups), the k weights as float32, from the
+    dataset-major list."""
+    rows = _group_count(groups)
+    return [tuple(float32_weights([weights[i * rows + j] for i in range(k)])) for j in range(rows)]
+
+
 def _check_weight_count(weights: Sequence[float], k: int, groups: int | None) -> list:
     weights = list(weights)
     if groups is None:
@@ -266,24 +293,17 @@ def _check_weight_count(weights: Sequence[float], k: int, groups: int | None) ->
 def merge_tensor(
     base: torch.Tensor,
     stacked: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | Sequence[float],
     method: str = "linear",
     scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """One tensor of the merge, computed in float32, in the base's dtype.
+    """One tensor of the merge, in the base's dtype (`combine`'s float32 arithmetic).
 
     `stacked`: the k prepared vectors of this tensor; `weights`: their k weights.
     """
-    flat = torch.empty(base.numel(), dtype=torch.float32)
-    combine(
-        base.reshape(-1).to(torch.float32),
-        stacked.reshape(stacked.shape[0], -1).to(torch.float32),
-        weights.to(torch.float32),
-        method,
-        flat,
-        scratch,
-    )
-    return flat.view(base.shape).to(base.dtype)
+    out = torch.empty(base.numel(), dtype=base.dtype)
+    combine(base.reshape(-1), stacked.reshape(stacked.shape[0], -1), weights, method, out, scratch)
+    return out.view(base.shape)
 
 
 def merge_to_dir(
@@ -299,51 +319,170 @@ def merge_to_dir(
     dare_seed: int = 0,
     groups: int | None = None,
     names: Sequence[str] | None = None,
+    vector_dtype: str = "float32",
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> None:
     """Stream the composite tensor by tensor into an HF model directory (atomic swap).
 
+    The weight files are planned from the base's safetensors headers (names, dtypes,
+    shapes): one `model.safetensors` when everything fits in `max_shard_size` (bytes, or
+    "5GB" etc.), else HF shards `model-0000i-of-0000N.safetensors` and their
+    `model.safetensors.index.json`. Each tensor is then merged in parts of
+    `STREAM_CHUNK` elements (read with plain reads, combined, appended to its shard), so
+    the process holds a few parts, never the composite; ties and DARE at density < 1
+    read each vector's tensor whole, as their trim and mask need it.
+
     `side_files`: copied beside the weights (the tokenizer's files, so the directory
     stands alone). `method` ... `names`: as for `ResidentMerge`, with the same weight
-    layout, so the directory holds the very model the evaluator scored.
+    layout; `vector_dtype`: the evaluators' (`evaluator.vector_dtype`), which the vectors
+    are rounded to as the evaluators hold them. So the directory holds, bit for bit, the
+    model the evaluator scored.
     """
     check_method(method, density)
     groups = _check_groups(groups)
-    names = _check_names(names, len(vector_paths))
-    floats = check_weights(method, _check_weight_count(weights, len(vector_paths), groups))
-    rows = _group_count(groups)
-    wmat = torch.tensor(floats, dtype=torch.float32).view(len(vector_paths), rows).t()
-    wmat = wmat.contiguous()
+    k = len(vector_paths)
+    names = _check_names(names, k)
+    floats = check_weights(method, _check_weight_count(weights, k, groups))
+    columns = _columns(floats, k, groups)
+    if vector_dtype not in DTYPES:
+        raise MergeError(f"vector_dtype {vector_dtype!r} is not one of {', '.join(DTYPES)}")
+    vdtype = DTYPES[vector_dtype]
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise MergeError(f"max_shard_size: {exc}") from None
     base_index = tensor_index(base_dir)
     num_layers = count_layers(base_index)
-    scratch = Scratch(method, len(vector_paths), MIX_CHUNK, torch.float32, "cpu", torch.float32)
-    out: dict[str, torch.Tensor] = {}
-    with ExitStack() as stack:
-        vec_handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in vector_paths]
-        base_handles: dict[Path, object] = {}
-        for name, path in sorted(base_index.items()):
-            if path not in base_handles:
-                base_handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            base = base_handles[path].get_tensor(name)
-            stacked = []
-            for i, (vpath, handle) in enumerate(zip(vector_paths, vec_handles, strict=True)):
-                if name not in handle.keys():  # noqa: SIM118
-                    raise MergeError(f"{vpath}: no tensor '{name}'; re-run the vectors stage")
-                tensor = handle.get_tensor(name)
-                if not torch.isfinite(tensor).all():
-                    raise MergeError(
-                        f"{vpath}: tensor '{name}' has NaN or Inf; re-run `dem-ray vectors "
-                        "CONFIG --force` (and the finetune stage if the fine-tune diverged)"
-                    )
-                stacked.append(prepare(tensor, method, density, dare_seed, names[i], name))
-            group = 0 if groups is None else block_of(name, num_layers, groups)
-            out[name] = merge_tensor(base, torch.stack(stacked), wmat[group], method, scratch)
+    tensor_meta = {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in {"format": "pt", **(metadata or {})}.items()
+    }
     record = {"weights": [float(x) for x in weights], "method": method,
               "density": float(density), "dare_seed": dare_seed, "groups": groups}  # fmt: skip
-    with atomic_dir(out_dir) as tmp:
-        save_tensors(out, tmp / "model.safetensors", {"format": "pt", **(metadata or {})})
-        for path in [*(Path(base_dir) / n for n in MODEL_SIDE_FILES), *side_files]:
-            if path.exists():
-                shutil.copy2(path, tmp / path.name)
-        (tmp / "dem_ray_merge.json").write_text(
-            json.dumps({**record, **(metadata or {})}, indent=2)
+    if vector_dtype != "float32":
+        record["vector_dtype"] = vector_dtype
+    with ExitStack() as stack:
+        try:
+            readers: dict[Path, TensorReader] = {}
+            for path in sorted(set(base_index.values())):
+                readers[path] = stack.enter_context(TensorReader(path))
+            specs = {name: readers[base_index[name]].spec(name) for name in sorted(base_index)}
+            vectors = [stack.enter_context(TensorReader(Path(p))) for p in vector_paths]
+        except SafetensorsFormatError as exc:
+            raise MergeError(str(exc)) from exc
+        for vpath, reader in zip(vector_paths, vectors, strict=True):
+            for name, (_, shape) in specs.items():
+                if name not in reader.header:
+                    raise MergeError(f"{vpath}: no tensor '{name}'; re-run the vectors stage")
+                if reader.spec(name)[1] != shape:
+                    raise MergeError(
+                        f"{vpath}: tensor '{name}' has shape {reader.spec(name)[1]}, the base "
+                        f"{shape}; re-run the vectors stage"
+                    )
+        plan = plan_shards([(name, *spec) for name, spec in specs.items()], shard_bytes)
+        largest = max((math.prod(shape) for _, shape in specs.values()), default=1)
+        parts = _Parts(k, vdtype, max(1, min(STREAM_CHUNK, largest)))
+        scratch = Scratch(method, k, max(1, min(MIX_CHUNK, largest)), torch.float32, "cpu", vdtype)
+        with atomic_dir(out_dir) as tmp:
+            for filename, shard in plan.items():
+                with TensorWriter(tmp / filename, shard, tensor_meta) as writer:
+                    for name, dtype, shape in shard:
+                        group = 0 if groups is None else block_of(name, num_layers, groups)
+                        try:
+                            _merge_into(writer, name, dtype, math.prod(shape),
+                                        readers[base_index[name]], vectors, vector_paths,
+                                        columns[group], method, density, dare_seed, names,
+                                        parts, scratch)  # fmt: skip
+                        except SafetensorsFormatError as exc:
+                            raise MergeError(str(exc)) from exc
+            if len(plan) > 1:
+                index = {
+                    "metadata": {"total_size": sum(_nbytes(s) for s in specs.values())},
+                    "weight_map": {n: f for f, shard in plan.items() for n, _, _ in shard},
+                }
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            for path in [*(Path(base_dir) / n for n in MODEL_SIDE_FILES), *side_files]:
+                if path.exists():
+                    shutil.copy2(path, tmp / path.name)
+            (tmp / "dem_ray_merge.json").write_text(
+                json.dumps({**record, **(metadata or {})}, indent=2)
+            )
+
+
+class _Parts:
+    """merge_to_dir's reusable buffers of `size` elements (a part), by use and dtype."""
+
+    def __init__(self, k: int, vector_dtype: torch.dtype, size: int) -> None:
+        self.k = k
+        self.vector_dtype = vector_dtype
+        self.size = size
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, use: str, dtype: torch.dtype) -> torch.Tensor:
+        if (use, dtype) not in self._buffers:
+            shape = (self.k, self.size) if use == "vectors" else (self.size,)
+            self._buffers[use, dtype] = torch.empty(shape, dtype=dtype)
+        return self._buffers[use, dtype]
+
+
+def _merge_into(
+    writer: TensorWriter,
+    name: str,
+    dtype: torch.dtype,
+    numel: int,
+    base: TensorReader,
+    vectors: list[TensorReader],
+    vector_paths: Sequence[Path],
+    weights: Sequence[float],
+    method: str,
+    density: float,
+    dare_seed: int,
+    names: list[str],
+    parts: _Parts,
+    scratch: Scratch,
+) -> None:
+    """Merge tensor `name` part by part and append each part to `writer`."""
+    k = len(vectors)
+    if numel == 0:
+        writer.append(name, torch.empty(0, dtype=dtype))
+        return
+    whole = None  # the prepared vectors, where the method needs each tensor whole
+    if METHODS[method].prepare != "none" and density != 1:
+        whole = torch.empty((k, numel), dtype=parts.vector_dtype)
+        for i, reader in enumerate(vectors):
+            tensor = reader.read(name)
+            _check_finite(tensor, vector_paths[i], name)
+            prepared = prepare(tensor, method, density, dare_seed, names[i], name)
+            whole[i].copy_(prepared.reshape(-1))
+            del tensor, prepared
+    for start in range(0, numel, parts.size):
+        stop = min(start + parts.size, numel)
+        theta = base.read_range(name, start, stop, out=parts.get("base", dtype))
+        if whole is not None:
+            stacked = whole[:, start:stop]
+        else:
+            stacked = parts.get("vectors", parts.vector_dtype)[:, : stop - start]
+            for i, reader in enumerate(vectors):
+                stored = reader.spec(name)[0]
+                if stored == parts.vector_dtype:  # read straight into its row
+                    part = reader.read_range(name, start, stop, out=stacked[i])
+                else:  # rounded as the evaluators hold it (`copy_`, as ResidentMerge does)
+                    part = reader.read_range(name, start, stop, out=parts.get("read", stored))
+                    stacked[i].copy_(part)
+                _check_finite(part, vector_paths[i], name)
+        out = parts.get("out", dtype)[: stop - start]
+        combine(theta, stacked, weights, method, out, scratch)
+        writer.append(name, out)
+
+
+def _check_finite(tensor: torch.Tensor, path: Path, name: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise MergeError(
+            f"{path}: tensor '{name}' has NaN or Inf; re-run `dem-ray vectors CONFIG --force` "
+            "(and the finetune stage if the fine-tune diverged)"
         )
+
+
+def _nbytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    dtype, shape = spec
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()

@@ -4,7 +4,9 @@ Each method is two steps, shared by `ResidentMerge` and `merge_to_dir` so that t
 evaluator scores exactly the model that `merge` later writes:
 
 - `prepare(tensor, ...)`: once per vector and tensor, when it is read (trim, DARE);
-- `combine(base, stacked, weights, ...)`: once per candidate, over a flat run of elements.
+- `combine(base, stacked, weights, ...)`: once per candidate, over a flat run of elements,
+  in float32 whatever the dtypes (see `combine`), then cast to the model's dtype: the
+  live weights an evaluator scores are, bit for bit, the tensors `merge` writes.
 
     linear       theta_0 + sum_i w_i v_i                              (the DEM merge)
     ties         TIES-Merging (Yadav et al. 2023): trim each vector to its top `density`
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-# Elements per chunk where `combine` needs scratch (mixed dtypes, the ties combination).
-DEFAULT_CHUNK = 1 << 22
+# Elements per chunk of `combine` (its float32 scratch buffers hold one chunk each).
+DEFAULT_CHUNK = 1 << 18
 
 
 class MergeError(ValueError):
@@ -146,11 +149,14 @@ def prepare(
 
 
 class Scratch:
-    """Buffers `combine` reuses from call to call, so a candidate allocates nothing big.
+    """float32 buffers `combine` reuses from call to call, so a candidate allocates nothing big.
 
-    Runs are processed in chunks of `chunk` elements: a k x chunk copy in the weights'
-    dtype where the vectors are stored in another dtype, and for the ties combination a
-    k x chunk agreement matrix plus three chunk-long vectors.
+    Runs are combined in chunks of `chunk` elements; each buffer holds one chunk: the k
+    weighted terms (k x chunk), the vectors upcast (k x chunk, where they are not float32),
+    the base upcast (where it is not float32), the result before its cast to the output's
+    dtype (where that is not float32), and for the ties combination the agreement
+    (k x chunk), sign, numerator and denominator. A buffer `combine` needs but was not told
+    of is made on first use and kept.
     """
 
     def __init__(
@@ -161,61 +167,128 @@ class Scratch:
         dtype: torch.dtype,
         device: torch.device | str,
         vector_dtype: torch.dtype,
+        base_dtype: torch.dtype | None = None,
     ) -> None:
+        """`dtype`: the output's (the model's); `base_dtype`: theta_0's (default `dtype`)."""
         self.chunk = max(1, chunk)
-        self.convert = None
-        if vector_dtype != dtype:
-            self.convert = torch.empty((k, self.chunk), dtype=dtype, device=device)
+        self.device = torch.device(device)
+        self.k = k
         self.elect = METHODS[method].elect
-        if self.elect:
-            self.agree = torch.empty(k * self.chunk, dtype=dtype, device=device)
-            self.sign = torch.empty(self.chunk, dtype=dtype, device=device)
-            self.num = torch.empty(self.chunk, dtype=dtype, device=device)
-            self.fill = torch.empty(self.chunk, dtype=dtype, device=device)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._weights = torch.empty((k, 1), dtype=torch.float32, device=self.device)
+        wanted = ["terms"]
+        wanted += ["base"] * ((base_dtype or dtype) != torch.float32)
+        wanted += ["vectors"] * (vector_dtype != torch.float32)
+        wanted += ["result"] * (dtype != torch.float32)
+        wanted += ["agree", "sign", "num", "den"] * self.elect
+        for name in wanted:
+            self.buffer(name)
+
+    def buffer(self, name: str) -> torch.Tensor:
+        if name not in self._buffers:
+            rows = (self.k,) if name in ("terms", "vectors", "agree") else ()
+            shape = (*rows, self.chunk)
+            self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return self._buffers[name]
+
+    def weights(self, ws: list[float]) -> torch.Tensor:
+        """The k weights as a (k, 1) float32 column on the device (one copy per call)."""
+        if self._weights.shape[0] != len(ws):
+            self._weights = torch.empty((len(ws), 1), dtype=torch.float32, device=self.device)
+        self._weights.copy_(torch.tensor(ws, dtype=torch.float32).view(-1, 1))
+        return self._weights
+
+
+def to_float32(value: float) -> float:
+    """`value` rounded to the nearest float32, as a Python float (so exactly a float32)."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def float32_weights(weights: torch.Tensor | Sequence[float]) -> list[float]:
+    """The weights as `combine` multiplies by them: each rounded to float32 once."""
+    values = weights.tolist() if isinstance(weights, torch.Tensor) else weights
+    return [to_float32(float(w)) for w in values]
 
 
 def combine(
     base: torch.Tensor,
     stacked: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | Sequence[float],
     method: str,
     out: torch.Tensor,
     scratch: Scratch | None = None,
 ) -> None:
     """out = the method's merge of base (n,) with prepared vectors stacked (k, n).
 
-    `weights` (k,) and `out` are in the weights' dtype; `stacked` may be in another
-    (converted chunk by chunk). linear with one dtype is a single addmv over the run.
+    The one arithmetic of every merge (the evaluators' `ResidentMerge` and `merge_to_dir`):
+    chunk by chunk, theta_0 and the vectors are upcast to float32, the weights rounded to
+    float32, the merge computed in float32 and cast to `out`'s dtype (round to nearest
+    even). Each step is an elementwise multiply or add, each rounded once (no fused
+    multiply-add, no matrix product whose blocking could change the order of the sums),
+    so an element's value depends on its own inputs only: not on the chunking, the
+    alignment in memory, the thread count or the device. `base`, `stacked` and `out` may
+    each be float32, bfloat16 or float16.
     """
     elect = METHODS[method].elect
     n = base.numel()
     if n == 0:
         return
-    if not elect and stacked.dtype == out.dtype:
-        torch.addmv(base, stacked.t(), weights, out=out)
-        return
+    ws = float32_weights(weights)
     if scratch is None:
-        k = stacked.shape[0]
-        scratch = Scratch(method, k, min(n, DEFAULT_CHUNK), out.dtype, out.device, stacked.dtype)
-    total = weights.sum() if elect else None
+        scratch = Scratch(method, len(ws), min(n, DEFAULT_CHUNK), out.dtype, out.device,
+                          stacked.dtype, base.dtype)  # fmt: skip
+    total = None
+    if elect:  # sum_i w_i, in float32 in order (the same in every process)
+        total = 0.0
+        for w in ws:
+            total = to_float32(total + w)
+    column = scratch.weights(ws)
     for start in range(0, n, scratch.chunk):
         end = min(start + scratch.chunk, n)
-        vectors = stacked[:, start:end]
-        if scratch.convert is not None:
-            converted = scratch.convert[:, : end - start]
-            converted.copy_(vectors)
-            vectors = converted
+        b = _float32(base[start:end], scratch, "base")
+        vectors = _float32(stacked[:, start:end], scratch, "vectors")
+        target = out[start:end]
+        result = target if out.dtype == torch.float32 else scratch.buffer("result")[: end - start]
         if elect:
-            _ties_chunk(base[start:end], vectors, weights, total, out[start:end], scratch)
+            _ties_chunk(b, vectors, column, total, result, scratch)
         else:
-            torch.addmv(base[start:end], vectors.t(), weights, out=out[start:end])
+            _linear_chunk(b, vectors, column, result, scratch)
+        if result is not target:
+            target.copy_(result)
+
+
+def _float32(part: torch.Tensor, s: Scratch, name: str) -> torch.Tensor:
+    """`part` itself when float32, else upcast (exactly) into scratch buffer `name`."""
+    if part.dtype == torch.float32:
+        return part
+    buffer = s.buffer(name)[..., : part.shape[-1]]
+    buffer.copy_(part)
+    return buffer
+
+
+def _row_sum(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """rows[0] + rows[1] + ..., left to right, each sum rounded once; into `out`, or into
+    rows[0] (which it overwrites) when no `out` is given."""
+    acc = rows[0] if out is None else out.copy_(rows[0])
+    for i in range(1, rows.shape[0]):
+        acc.add_(rows[i])
+    return acc
+
+
+def _linear_chunk(
+    base: torch.Tensor, vectors: torch.Tensor, column: torch.Tensor, out: torch.Tensor, s: Scratch
+) -> None:
+    """out = base + (w_0 t_0 + w_1 t_1 + ...): each product and each sum rounded once."""
+    terms = s.buffer("terms")[:, : base.numel()]
+    torch.mul(vectors, column, out=terms)
+    torch.add(base, _row_sum(terms), out=out)
 
 
 def _ties_chunk(
     base: torch.Tensor,
     vectors: torch.Tensor,
-    weights: torch.Tensor,
-    total: torch.Tensor,
+    column: torch.Tensor,
+    total: float,
     out: torch.Tensor,
     s: Scratch,
 ) -> None:
@@ -226,21 +299,21 @@ def _ties_chunk(
     every vector agrees it is the linear sum. Written with float ops only (relu, sign):
     bool masks cost more than the rest of the chunk together on CPU.
     """
-    k, c = vectors.shape
-    sign, num, fill = s.sign[:c], s.num[:c], s.fill[:c]
-    agree = s.agree[: k * c].view(k, c)
-    torch.mv(vectors.t(), weights, out=sign)
-    torch.sign(sign, out=sign)
+    c = base.numel()
+    sign, num, den = s.buffer("sign")[:c], s.buffer("num")[:c], s.buffer("den")[:c]
+    terms, agree = s.buffer("terms")[:, :c], s.buffer("agree")[:, :c]
+    torch.mul(vectors, column, out=terms)
+    _row_sum(terms, sign).sign_()  # the elected sign g
     torch.mul(vectors, sign, out=agree)
     agree.clamp_min_(0)  # |t_i| where t_i agrees, else 0
-    torch.mv(agree.t(), weights, out=num)
-    num.mul_(sign)  # sum_i w_i a_i t_i: the agreeing entries all carry the sign g
-    agree.sign_()  # a_i as 0 / 1
-    den = sign  # the sign is used up: its buffer takes sum_i w_i a_i (>= 0)
-    torch.mv(agree.t(), weights, out=den)
+    torch.mul(agree, column, out=terms)
+    _row_sum(terms, num).mul_(sign)  # sum_i w_i a_i t_i: the agreeing entries carry g
+    agree.sign_().mul_(column)  # w_i a_i
+    _row_sum(agree, den)  # sum_i w_i a_i (>= 0)
+    fill = sign  # used up: 1 where nothing agrees (there num is 0 too), else 0
     torch.sign(den, out=fill)
-    fill.neg_().add_(1)  # 1 where nothing agrees (there num is 0 too), else 0
+    fill.neg_().add_(1)
     den.add_(fill)
-    torch.div(num, den, out=num)
+    num.div_(den)
     num.mul_(total)
     torch.add(base, num, out=out)

@@ -35,6 +35,8 @@ CODES = {
 }
 NAMES = {dtype: code for code, dtype in CODES.items()}
 MAX_HEADER = 100 * 2**20
+WEIGHTS_NAME = "model.safetensors"  # an unsharded model's weights, as Hugging Face names them
+INDEX_NAME = "model.safetensors.index.json"  # a sharded model's map of tensor -> file
 
 
 class SafetensorsFormatError(ValueError):
@@ -75,6 +77,44 @@ class TensorReader:
                     "the file is truncated"
                 )
         return out
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of tensor `name`, from the header alone."""
+        entry = self.header[name]
+        return CODES[entry["dtype"]], tuple(entry["shape"])
+
+    def read_range(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements [start, stop) of tensor `name`, flattened: part of a tensor, read with one
+        plain read (into `out[: stop - start]` when given, a 1-D tensor of its dtype)."""
+        entry = self.header[name]
+        dtype, shape = self.spec(name)
+        numel = math.prod(shape)
+        begin, end = entry["data_offsets"]
+        size = torch.empty((), dtype=dtype).element_size()
+        if end - begin != numel * size:
+            raise SafetensorsFormatError(
+                f"{self.path}: tensor '{name}' has {end - begin} bytes for shape "
+                f"{entry['shape']} {entry['dtype']}; the file is damaged"
+            )
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"{self.path}: elements [{start}, {stop}) of '{name}' ({numel})")
+        if out is None:
+            part = torch.empty(stop - start, dtype=dtype)
+        elif out.dtype != dtype or out.dim() != 1 or out.numel() < stop - start:
+            raise ValueError(f"{self.path}: '{name}' needs a 1-D {dtype} buffer of "
+                             f"{stop - start} elements, got {out.dtype}{tuple(out.shape)}")  # fmt: skip
+        else:
+            part = out[: stop - start]
+        if stop > start:
+            self._fh.seek(self._data_start + begin + start * size)
+            got = self._fh.readinto(memoryview(part.view(torch.uint8).numpy()))
+            if got != (stop - start) * size:
+                raise SafetensorsFormatError(
+                    f"{self.path}: tensor '{name}' is cut short; the file is truncated"
+                )
+        return part
 
     def close(self) -> None:
         self._fh.close()
@@ -117,6 +157,7 @@ class TensorWriter:
         raw += b" " * (-len(raw) % 8)
         self._prefix = struct.pack("<Q", len(raw)) + raw
         self._next = 0
+        self._filled = 0  # elements of tensor `_next` written so far (see `append`)
         self._file = atomic_file(self.path, "wb")
         self._fh = None
 
@@ -126,15 +167,36 @@ class TensorWriter:
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        want_name, dtype, shape = self._order[self._next]
-        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+        want_name, dtype, shape = self._expected()
+        if self._filled or tuple(tensor.shape) != tuple(shape):
             raise ValueError(
                 f"{self.path}: expected tensor '{want_name}' {dtype}{tuple(shape)} next, "
                 f"got '{name}' {tensor.dtype}{tuple(tensor.shape)}"
             )
-        if tensor.numel():
-            self._fh.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
-        self._next += 1
+        self.append(name, tensor)
+
+    def append(self, name: str, part: torch.Tensor) -> None:
+        """The next elements of tensor `name` (flat, in order): a tensor written in parts, so
+        it never has to be whole in memory. It is done when all its elements are in."""
+        want_name, dtype, shape = self._expected()
+        numel = math.prod(shape)
+        if name != want_name or part.dtype != dtype or self._filled + part.numel() > numel:
+            raise ValueError(
+                f"{self.path}: expected tensor '{want_name}' {dtype}{tuple(shape)} next "
+                f"({self._filled} of {numel} elements written), got '{name}' "
+                f"{part.dtype}{tuple(part.shape)}"
+            )
+        if part.numel():
+            self._fh.write(memoryview(part.contiguous().view(-1).view(torch.uint8).numpy()))
+        self._filled += part.numel()
+        if self._filled == numel:
+            self._next += 1
+            self._filled = 0
+
+    def _expected(self) -> tuple[str, torch.dtype, tuple[int, ...]]:
+        if self._next >= len(self._order):
+            raise ValueError(f"{self.path}: every declared tensor is written already")
+        return self._order[self._next]
 
     def __exit__(self, exc_type, exc, tb) -> bool | None:
         if exc_type is None and self._next != len(self._order):
@@ -143,6 +205,30 @@ class TensorWriter:
             self._file.__exit__(ValueError, error, None)
             raise error
         return self._file.__exit__(exc_type, exc, tb)
+
+
+def plan_shards(
+    specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int
+) -> dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """The weight files of a model, as Hugging Face names them: file name -> its tensors.
+
+    Tensors in the given order fill a file until the next would take it past `max_bytes`
+    (a tensor larger than that gets a file of its own). One file is `model.safetensors`;
+    more are `model-0000i-of-0000N.safetensors`, which a model lists in `INDEX_NAME`.
+    """
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[2]) * torch.empty((), dtype=spec[1]).element_size()
+        if not shards or (shards[-1] and size + nbytes > max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    if len(shards) <= 1:
+        return {WEIGHTS_NAME: shards[0] if shards else []}
+    count = len(shards)
+    return {f"model-{i + 1:05d}-of-{count:05d}.safetensors": s for i, s in enumerate(shards)}
 
 
 def _read_header(fh, path: Path) -> tuple[dict, dict, int]:

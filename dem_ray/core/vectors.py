@@ -40,8 +40,14 @@ def tensor_index(model_dir: Path) -> dict[str, Path]:
     return index
 
 
+# Float dtypes a fine-tune may widen its base's to (safetensors names): the fine-tune
+# stage trains fp32 master weights and saves them, whatever the base's stored dtype.
+_WIDER = {"BF16": {"F32", "F64"}, "F16": {"F32", "F64"}, "F32": {"F64"}}
+
+
 def check_compatible(base_dir: Path, other_dir: Path) -> dict[str, Path]:
-    """Same tensor names, shapes and dtypes as the base, or an error naming the tensor."""
+    """Same tensor names, shapes and dtypes as the base (or a wider float dtype: fp32
+    weights trained from a bf16 base), or an error naming the tensor."""
     base, other = tensor_index(base_dir), tensor_index(other_dir)
     missing = sorted(set(base) - set(other))
     extra = sorted(set(other) - set(base))
@@ -56,7 +62,8 @@ def check_compatible(base_dir: Path, other_dir: Path) -> dict[str, Path]:
         for name in base:
             b = _slice(stack, handles, base[name], name)
             o = _slice(stack, handles, other[name], name)
-            if b.get_shape() != o.get_shape() or b.get_dtype() != o.get_dtype():
+            widened = o.get_dtype() in _WIDER.get(b.get_dtype(), ())
+            if b.get_shape() != o.get_shape() or (b.get_dtype() != o.get_dtype() and not widened):
                 raise VectorError(
                     f"{other_dir}: tensor '{name}' is {o.get_dtype()}{o.get_shape()} but the "
                     f"base has {b.get_dtype()}{b.get_shape()}; a fine-tune must come from "
@@ -73,6 +80,9 @@ def compute_vector(
     names: tuple[str, str] | None = None,
 ):
     """Write v = finetuned - base to `out_path` (safetensors), tensor by tensor.
+
+    The difference is taken in fp32 (a bf16 base is upcast; an fp32 fine-tune of it keeps
+    its every update) and stored as `dtype` (the vectors stage: float32).
 
     Tensors are read with plain reads and the vector is written as it is computed, so
     the process holds a few tensors at a time, never a model (see safetensors_stream).

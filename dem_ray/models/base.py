@@ -177,14 +177,32 @@ def _vocab(model_dir: Path) -> dict[str, int] | None:
 
 
 def load_model(path: Path, device: str = "cpu", trust_remote_code: bool = False):
-    """An HF causal LM from a local safetensors directory, in float32 unless saved otherwise."""
+    """An HF causal LM from a local safetensors directory, in the dtype its weights are
+    stored in (`stored_dtype`; config.json's `dtype` where they mix): a bf16 base stays
+    bf16, so the evaluators score the very weights `merge` writes, never an upcast copy."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load, from every evaluator: log noise
     check_model_dir(Path(path), role="model")
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+        str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
+        dtype=stored_dtype(Path(path)) or "auto",
+    )  # fmt: skip
     return model.to(device)
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype | None:
+    """The one float dtype of a model directory's safetensors weights (read from their
+    headers, sharded or not); None when they hold several."""
+    from dem_ray.core.safetensors_io import TensorReader
+
+    dtypes = set()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with TensorReader(path) as reader:
+            dtypes |= {reader.spec(name)[0] for name in reader.names()}
+    floats = {d for d in dtypes if d.is_floating_point}
+    return floats.pop() if len(floats) == 1 else None
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

@@ -260,8 +260,9 @@ def write_llama_gguf(hf_dir: Path, out_path: Path, architecture: str = "llama") 
     writer = gguf.GGUFWriter(str(out_path), architecture)
     _add_llama_hyperparameters(writer, config)
     _add_byte_level_tokenizer(writer, json.loads((hf_dir / "tokenizer.json").read_text()), config)
-    for name, tensor in load_file(hf_dir / "model.safetensors").items():
-        writer.add_tensor(_gguf_tensor_name(name), _to_gguf_layout(name, tensor, config))
+    for path in sorted(hf_dir.glob("*.safetensors")):  # one file, or HF shards
+        for name, tensor in load_file(path).items():
+            writer.add_tensor(_gguf_tensor_name(name), _to_gguf_layout(name, tensor, config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -4,10 +4,11 @@ runs them all at once. Each saves its model as an HF directory (safetensors)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +27,8 @@ from dem_ray.core.atomic import atomic_dir
 from dem_ray.core.perplexity import last_target
 from dem_ray.models.base import copy_tokenizer
 from dem_ray.ray.placement import scaling_config, trainers_that_fit
+from dem_ray.run.console import emit
+from dem_ray.run.external_tracking import RunSpec, finish_run, open_run, worker_run
 from dem_ray.run.stopping import start_threads, wait_threads
 from dem_ray.run.storage import RunPath, fetch
 from dem_ray.run.tracking import EVENTS, StepEvents, copy_events
@@ -47,6 +50,9 @@ class FinetuneJob:
     # final checkpoint; `events_live`: every node mounts that dir, rank 0 also writes it live.
     events_dir: str | None = None
     events_live: bool = False
+    max_shard_size: int | str = "5GB"  # largest weight file saved (merge.max_shard_size)
+    # MLflow / W&B (`dem_ray.run.external_tracking`): the run's spec; None: no tracker.
+    tracking: RunSpec | None = None
 
 
 def sample_batch(
@@ -83,15 +89,93 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1000 + rank) * 1_000_003 + step)
 
 
-def rows_before(probs: torch.Tensor, batch_size: int, seed: int, rank: int, steps: int):
+def micro_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """The sampler's generator for micro-batch `micro` of one step. The first is the step's
+    own (`step_generator`: one micro-batch a step draws the batches it always drew); the
+    others are seeded from (seed, rank, step, micro), so a restart replays them too."""
+    if micro == 0:
+        return step_generator(seed, rank, step)
+    key = hashlib.sha256(f"{seed}/{rank}/{step}/{micro}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+def rows_before(
+    probs: torch.Tensor, batch_size: int, seed: int, rank: int, steps: int, grad_accum: int = 1
+):
     """Rows per shard the first `steps` steps drew (the sampler replayed, no data read)."""
     counts = torch.zeros(probs.numel(), dtype=torch.long)
     for step in range(1, steps + 1):
-        source = torch.multinomial(
-            probs, batch_size, replacement=True, generator=step_generator(seed, rank, step)
-        )
-        counts += torch.bincount(source, minlength=probs.numel())
+        for micro in range(grad_accum):
+            generator = micro_generator(seed, rank, step, micro)
+            source = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+            counts += torch.bincount(source, minlength=probs.numel())
     return counts
+
+
+def lr_factor(
+    step: int, warmup: int, max_steps: int, schedule: str = "constant", min_ratio: float = 0.0
+) -> float:
+    """The learning rate of the optimizer step after `step` steps done, as a share of the
+    peak: (step + 1) / (warmup + 1) during warm-up, then 1 (`constant`) or a `linear` /
+    `cosine` decay from 1 at `step == warmup` to `min_ratio` at `step == max_steps`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}")
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def resolve_precision(configured: str | None, device: torch.device) -> str:
+    """`finetune.precision`, or where it is null: bf16-mixed on a GPU with bf16, else fp32."""
+    if configured is not None:
+        return configured
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "fp32"
+
+
+def accumulate_gradients(
+    model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    precision: str = "fp32",
+) -> torch.Tensor:  # fmt: skip
+    """Forward and backward over one optimizer step's micro-batches (input ids, labels);
+    returns the step's loss (detached).
+
+    Each micro-batch's mean loss is weighted by its share of the step's loss targets, so
+    the gradient is the one a single batch of all their rows gives (packed text: 1/N
+    each). One micro-batch is today's plain `loss.backward()`. Under DDP only the last
+    backward all-reduces (`no_sync` before it). `bf16-mixed`: the forward under bf16
+    autocast, the weights and their gradients fp32.
+    """
+    targets = [int((labels[:, 1:] != -100).sum()) for _, labels in micro_batches]
+    total = sum(targets)
+    # A micro-batch without targets adds nothing (and its mean loss is 0/0); if none has
+    # any, the last runs alone and its NaN loss stops the fine-tune as it always did.
+    live = [i for i, n in enumerate(targets) if n] or [len(micro_batches) - 1]
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    step_loss = None
+    for i in live:
+        ids, labels = micro_batches[i]
+        last = i == live[-1]
+        with contextlib.ExitStack() as stack:
+            if ddp and not last:
+                stack.enter_context(model.no_sync())
+            with contextlib.ExitStack() as forward:
+                if precision == "bf16-mixed":
+                    forward.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+                loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
+            if len(micro_batches) > 1 and total:
+                loss = loss * (targets[i] / total)
+            loss.backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    return step_loss
 
 
 # A seam for tests and tools: when set (in the driver, before the fine-tunes launch), every
@@ -165,10 +249,12 @@ def train_loop(config: dict) -> None:
     """
     import ray.train.torch as rt
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from dem_ray.data.shards import ShardReader
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    hf_logging.disable_progress_bar()  # a bar per weight load, in every worker's log
     hp = FinetuneConfig(**config["finetune"])
     max_steps = config.get("max_steps") or hp.max_steps
     ctx = ray.train.get_context()
@@ -189,37 +275,48 @@ def train_loop(config: dict) -> None:
             source = stack.enter_context(checkpoint.as_directory())
             state = _load_state(Path(source))
         if rank == 0:  # the events so far are the checkpoint's: a lost worker's later ones go
-            events = StepEvents(config.get("events_live_dir"), None if state is None else source)
+            events = StepEvents(config.get("events_live_dir"), None if state is None else source,
+                                extra=worker_run(config.get("tracking")))  # fmt: skip
+        # fp32 master weights whatever the base's stored dtype (a bf16 base is upcast): in
+        # pure bf16, updates smaller than half a weight's bf16 spacing round away.
         model = AutoModelForCausalLM.from_pretrained(
-            source, use_safetensors=True, trust_remote_code=config.get("trust_remote_code", False)
-        )
+            source, use_safetensors=True, dtype=torch.float32,
+            trust_remote_code=config.get("trust_remote_code", False),
+        )  # fmt: skip
+        if hp.gradient_checkpointing:  # non-reentrant: the kind DDP works with
+            kwargs = {"use_reentrant": False}  # (transformers 5 renamed gradient_checkpointing_*)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            model.config.use_cache = False
         model.train()
         model = rt.prepare_model(model)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / (hp.warmup_steps + 1))
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+            s, hp.warmup_steps, max_steps, hp.lr_schedule, hp.min_lr_ratio))  # fmt: skip
         start_step, earlier_seconds = 0, 0.0
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_step, earlier_seconds = state["step"], state["device_seconds"]
-            print(f"{tag} resuming from the checkpoint of step {start_step}", file=sys.stderr)
+            emit("message", text=f"{tag} resuming from the checkpoint of step {start_step}")
     device = next(model.parameters()).device
     gpus = hp.gpus_per_worker
-    rows_seen = rows_before(probs, hp.batch_size, hp.seed, rank, start_step)
-    tokens_per_step = hp.batch_size * hp.seq_len * world
+    precision, accum = resolve_precision(hp.precision, device), hp.grad_accum_steps
+    rows_seen = rows_before(probs, hp.batch_size, hp.seed, rank, start_step, accum)
+    tokens_per_step = hp.batch_size * accum * hp.seq_len * world
     interval_start, loss_value = time.perf_counter(), float("nan")
+    if rank == 0:
+        emit("step", name=config["name"], step=start_step, of=max_steps, loss=None)
     for step in range(start_step + 1, max_steps + 1):
         step_start, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-        generator = step_generator(hp.seed, rank, step)
-        batch, mask, counts = sample_batch(shards, probs, hp.batch_size, generator)
-        rows_seen += counts
-        batch, labels = labels_of(batch.to(dtype=torch.long), mask)
-        loss = model(input_ids=batch.to(device), labels=labels.to(device)).loss
-        loss.backward()
+        micro_batches = []
+        for micro in range(accum):
+            generator = micro_generator(hp.seed, rank, step, micro)
+            batch, mask, counts = sample_batch(shards, probs, hp.batch_size, generator)
+            rows_seen += counts
+            micro_batches.append(labels_of(batch.to(dtype=torch.long), mask))
+        loss = accumulate_gradients(model, micro_batches, device, precision)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -233,11 +330,8 @@ def train_loop(config: dict) -> None:
         if rank == 0 and (step % hp.log_every == 0 or step == max_steps):
             done = hp.log_every if step % hp.log_every == 0 else step % hp.log_every
             rate = done * tokens_per_step / (time.perf_counter() - interval_start)
-            print(
-                f"{tag} step {step}/{max_steps} loss {loss_value:.4f} tokens/s {rate:.0f}",
-                file=sys.stderr,
-                flush=True,
-            )
+            emit("step", name=config["name"], step=step, of=max_steps, loss=loss_value,
+                 tokens_per_s=rate)  # fmt: skip
             interval_start = time.perf_counter()
         if step % hp.checkpoint_every == 0 and step < max_steps:
             spent = _sum_over_workers(_device_seconds(device, wall0, cpu0, gpus), world, device)
@@ -262,11 +356,14 @@ def train_loop(config: dict) -> None:
         "resumed_from_step": start_step,
         "workers": world,
         "device": device.type,
+        "precision": precision,  # the one used: `finetune.precision` resolved on this device
         "node_id": ray.get_runtime_context().get_node_id(),
     }
 
     def save_final(out: Path) -> None:
-        _unwrap(model).save_pretrained(str(out), safe_serialization=True)
+        _unwrap(model).save_pretrained(
+            str(out), safe_serialization=True, max_shard_size=config.get("max_shard_size", "5GB")
+        )
         copy_tokenizer(base_dir, out)
 
     if events is not None:
@@ -301,8 +398,11 @@ def _report(model, rank: int, metrics: dict, save, events: StepEvents | None = N
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def loop_config(job: FinetuneJob, hp: FinetuneConfig, trust_remote_code: bool) -> dict:
-    """What each worker of `job` receives: plain data, plus the optional step hook."""
+def loop_config(
+    job: FinetuneJob, hp: FinetuneConfig, trust_remote_code: bool, tracking: RunSpec | None = None
+) -> dict:
+    """What each worker of `job` receives: plain data, plus the optional step hook;
+    `tracking`: the MLflow / W&B run its rank 0 logs into (`open_run`'s)."""
     return {
         "name": job.name,
         "base_dir": job.base_dir,
@@ -312,6 +412,8 @@ def loop_config(job: FinetuneJob, hp: FinetuneConfig, trust_remote_code: bool) -
         "finetune": hp.model_dump(),
         "trust_remote_code": trust_remote_code,
         "events_live_dir": job.events_dir if job.events_live else None,
+        "max_shard_size": job.max_shard_size,
+        "tracking": tracking,
         "after_step": AFTER_STEP,
     }
 
@@ -359,10 +461,12 @@ def run_finetunes(
 
     def fit(job: FinetuneJob, start: float) -> None:
         """`start` is when the job was launched: its wall time includes waiting for a slot."""
+        tracking = None
         try:
+            tracking = open_run(job.tracking)  # one tracker run, whatever restarts the workers
             trainer = TorchTrainer(
                 train_loop,
-                train_loop_config=loop_config(job, hp, trust_remote_code),
+                train_loop_config=loop_config(job, hp, trust_remote_code, tracking),
                 scaling_config=scaling_config(hp),
                 run_config=RunConfig(
                     name=f"finetune-{job.name}-{time.time_ns()}",
@@ -400,6 +504,7 @@ def run_finetunes(
             )
         except BaseException as exc:  # noqa: BLE001 - re-raised in the driver thread below
             errors[job.name] = exc
+        finish_run(tracking, failed=job.name in errors)
 
     limit = hp.max_concurrent or concurrency_that_fits(hp)
     log.info(

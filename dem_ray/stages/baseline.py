@@ -23,6 +23,7 @@ from dem_ray.core.mixtures import mixture_id, mixtures, steps_per_mixture
 from dem_ray.core.perplexity import objective, perplexity
 from dem_ray.ray.finetune import FinetuneJob, run_finetunes
 from dem_ray.report.card import made_by, model_files
+from dem_ray.run.external_tracking import stage_run
 from dem_ray.run.tracking import baseline_events
 from dem_ray.stages.base import RunContext, Stage, StageError, Step
 from dem_ray.stages.search import evaluators
@@ -78,9 +79,10 @@ class MixturesStage(Stage):
         to_train = [s for job, s in by_job.items() if job not in trained]
         steps = todo[0].payload["steps"]
         total = len(planned_mixtures(ctx))
+        rows = hp.batch_size * hp.grad_accum_steps * hp.num_workers  # per step
         log.info("baseline: %d of %d mixtures to train (%d trained earlier, to score), %d steps "
                  "each (%d tokens)", len(to_train), total, len(trained), steps,
-                 steps * hp.batch_size * hp.seq_len * hp.num_workers)  # fmt: skip
+                 steps * rows * hp.seq_len)  # fmt: skip
         errors: dict = {}
         if to_train:
             ctx.ensure_ray()
@@ -91,7 +93,8 @@ class MixturesStage(Stage):
                             str(layout.mixture(s.payload["id"])), mixture=s.payload["mixture"],
                             max_steps=steps,
                             events_dir=str(baseline_events(layout.root, s.payload["id"])),
-                            events_live=not ctx.storage.remote)
+                            events_live=not ctx.storage.remote, tracking=_tracking(ctx, s),
+                            max_shard_size=ctx.cfg.merge.shard_bytes)
                 for s in to_train
             ]  # fmt: skip
 
@@ -112,6 +115,15 @@ class MixturesStage(Stage):
         if errors:
             name, exc = next(iter(errors.items()))
             raise StageError(f"baseline {name} failed: {exc}") from exc
+
+
+def _tracking(ctx: RunContext, step: Step):
+    """A mixture's MLflow / W&B run: the fine-tune's result settings, its steps and ratios."""
+    mid = step.payload["id"]
+    params = {**step.inputs["finetune"], "steps": step.payload["steps"],
+              "mixture": step.payload["mixture"]}  # fmt: skip
+    return stage_run(ctx, f"baseline/{mid}", params, stage="baseline", mixture=mid,
+                     inputs=step.digest)  # fmt: skip
 
 
 TRAINED_MARKER = "dem_ray_trained.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dem_ray.config import result_settings
 from dem_ray.ray.finetune import FinetuneJob, run_finetunes
+from dem_ray.run.external_tracking import stage_run
 from dem_ray.run.tracking import finetune_events
 from dem_ray.stages.base import RunContext, Stage, StageError, Step
 
@@ -33,7 +34,9 @@ class FinetuneStage(Stage):
             FinetuneJob(name, ctx.ref(ctx.base_dir), {name: ctx.ref(layout.shard(name, "train"))},
                         str(layout.finetune(name)),
                         events_dir=str(finetune_events(layout.root, name)),
-                        events_live=not ctx.storage.remote)
+                        events_live=not ctx.storage.remote,
+                        tracking=_tracking(ctx, steps[name]),
+                        max_shard_size=ctx.cfg.merge.shard_bytes)
             for name in steps
         ]  # fmt: skip
 
@@ -54,6 +57,7 @@ class FinetuneStage(Stage):
                 extra={
                     "final_loss": m["final_loss"],
                     "steps": m["steps"],
+                    "precision": m.get("precision"),  # `finetune.precision` as resolved
                     "node_id": m.get("node_id"),
                 },  # fmt: skip
             )
@@ -65,6 +69,13 @@ class FinetuneStage(Stage):
         if errors:
             name, exc = next(iter(errors.items()))
             raise StageError(f"fine-tune '{name}' failed: {exc}") from exc
+
+
+def _tracking(ctx: RunContext, step: Step):
+    """The fine-tune's MLflow / W&B run: its result settings as params."""
+    name = step.payload["name"]
+    return stage_run(ctx, f"finetune/{name}", step.inputs["finetune"], stage="finetune",
+                     dataset=name, inputs=step.digest)  # fmt: skip
 
 
 def finetune_inputs(ctx: RunContext, name: str) -> dict:

@@ -1,5 +1,9 @@
 """merge: theta_0 + sum_i w_i v_i (or the configured merge method) for the search's best
-weights (or `--weights`), with the same arithmetic the evaluators scored."""
+weights (or `--weights`), with the same arithmetic the evaluators scored: the same float32
+`combine` over theta_0 as stored and the vectors as the evaluators hold them
+(`evaluator.vector_dtype`), so `merged/` is, bit for bit, the model the search scored.
+Written tensor by tensor into `merge.max_shard_size` shards (a setting of the output's
+layout only: it re-runs nothing)."""
 
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ class MergeStage(Stage):
     invalidated_by = {
         "weights": "the weights merged: the search's best (the rerank's choice with "
         "`downstream.rerank_top`), or `dem-ray merge --weights`",
-        "method": "`search.merge_method`, `density`, `dare_seed` and the space's block groups",
+        "method": "`search.merge_method`, `density`, `dare_seed`, the space's block groups "
+        "and `evaluator.vector_dtype` (when not float32: the vectors are rounded as the "
+        "evaluators held them)",
         "vectors": "the vectors",
         "base": "the prepared base",
     }
@@ -35,7 +41,7 @@ class MergeStage(Stage):
         ctx.space.check(weights)
         inputs = {
             "weights": weights,
-            "method": merge_spec(ctx),
+            "method": _method_inputs(ctx),
             "vectors": list(ctx.vector_hashes().values()),
             "base": ctx.base_fingerprint(),
         }
@@ -55,6 +61,8 @@ class MergeStage(Stage):
             out,
             side_files=[base / name for name in TOKENIZER_FILES],
             metadata={"datasets": ctx.names, "weight_keys": ctx.space.keys},
+            vector_dtype=ctx.cfg.evaluator.vector_dtype,
+            max_shard_size=ctx.cfg.merge.shard_bytes,
             **merge_spec(ctx),
         )
         log.info("merged model -> %s", ctx.show(out))
@@ -65,6 +73,14 @@ class MergeStage(Stage):
         made = made_by(sys.argv, self.command, ctx.cfg.source, args)
         ctx.record(step, [out], cost={"wall_seconds": timer.wall, "device_seconds": timer.cpu},
                    extra={"weights": weights, "made_by": made})  # fmt: skip
+
+
+def _method_inputs(ctx: RunContext) -> dict:
+    """The merge kernel's settings as the step hashes them: `evaluator.vector_dtype` only
+    where it is not float32 (a run dir merged before it counted keeps its merge)."""
+    spec = merge_spec(ctx)
+    dtype = ctx.cfg.evaluator.vector_dtype
+    return spec if dtype == "float32" else {**spec, "vector_dtype": dtype}
 
 
 def best_weights(ctx: RunContext) -> dict[str, float]:

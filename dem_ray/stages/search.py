@@ -27,6 +27,7 @@ from dem_ray.ray.search import (
     run_search,
     warm_start_points,
 )
+from dem_ray.run.external_tracking import RunSpec, stage_run
 from dem_ray.run.study import study_name
 from dem_ray.run.tracking import search_events
 from dem_ray.stages.base import RunContext, Stage, Step
@@ -145,6 +146,7 @@ class SearchStage(Stage):
         trials = run_search(cfg, ctx.space, actors, layout.search, inputs=step.digest,
                             fresh=fresh, warm_start=points, known=first, stats=stats,
                             study=study(ctx, "search", step.digest), events=events,
+                            tracking=search_tracking(ctx, "search", cfg),
                             **_upload_each_trial(ctx, layout.trials, events))  # fmt: skip
         best = best_trial([*first, *trials])
         trials = [*first, *trials]  # the cost and the count cover both stages
@@ -196,6 +198,7 @@ def _global_stage(
                         ctx.layout.search, trials_name=path.name, inputs=f"{inputs}/global",
                         fresh=fresh, evaluate_in=ctx.space, stats=stats,
                         study=study(ctx, "search-global", inputs), events=events,
+                        tracking=search_tracking(ctx, "search-global", cfg),
                         **_upload_each_trial(ctx, path, events))  # fmt: skip
     return _expanded(ctx, trials), cfg.model_copy(update={"num_trials": cfg.num_trials - n})
 
@@ -259,6 +262,7 @@ class GridStage(Stage):
                             trials_name=layout.grid_trials.name, inputs=step.digest,
                             fresh=bool(ctx.options.get("force")), stats=stats,
                             study=study(ctx, "search_grid", step.digest), events=events,
+                            tracking=search_tracking(ctx, "search_grid", self.grid_config(ctx)),
                             **_upload_each_trial(ctx, layout.grid_trials, events))  # fmt: skip
         ctx.record(step, [layout.grid_trials], cost=search_cost(ctx, trials, start, stats))
 
@@ -287,6 +291,13 @@ def study(ctx: RunContext, stage: str, inputs: str) -> tuple[str, str] | None:
     if url == "off":
         return None
     return url or f"sqlite:///{ctx.layout.study}", study_name(stage, inputs)
+
+
+def search_tracking(ctx: RunContext, stage: str, cfg) -> RunSpec | None:
+    """The MLflow / W&B run of a search stage (`search`, `search-global`, `search_grid`):
+    its search settings and space as params."""
+    params = {**result_settings(cfg), "space_kind": ctx.space.kind}
+    return stage_run(ctx, stage, params, stage=stage)
 
 
 def _upload_each_trial(ctx: RunContext, trials_path: Path, events: Path) -> dict:
