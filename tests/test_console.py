@@ -219,3 +219,19 @@ def test_ray_worker_output_is_routed_and_put_back(ray_session, tmp_path):
     assert "(raylet) 8 PYTHON worker processes" in workers
     assert [n for n, _ in ray_worker.global_worker_stdstream_dispatcher.handlers] == before_handlers
     assert ray_worker.print_to_stdstream is before_print
+
+
+def test_each_command_gets_a_fresh_log_folder(tmp_path):
+    """Two commands in one second: the second never appends to the first one's files."""
+    first = console_mod.new_log_dir(tmp_path / "logs", "prepare")
+    c = Console(first, terminal=io.StringIO()).open("first")
+    logging.getLogger("dem_ray.pipeline").info("the first command")
+    c.close()
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    second = console_mod.new_log_dir(tmp_path / "logs", "prepare")
+    assert second != first and second.parent == first.parent
+    c = Console(second, terminal=io.StringIO()).open("second")
+    logging.getLogger("dem_ray.pipeline").info("the second command")
+    c.close()
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert "the second command" in (second / "dem-ray.log").read_text()

@@ -105,6 +105,22 @@ def _in_ray_worker() -> bool:
         return False
 
 
+def new_log_dir(root: Path, command: str) -> Path:
+    """A fresh `root/DATE-TIME-COMMAND/` (`-2`, `-3`, ... when one of that second exists):
+    a command never appends to another's logs, so nothing already on disk changes."""
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{command}"
+    for n in range(1, 1000):
+        path = Path(root) / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError:  # an unwritable run dir: `Console.open` says so, the run's check too
+            return path
+    raise RuntimeError(f"{root}: 999 log folders named {stem}*; remove some")
+
+
 # ---- the console ------------------------------------------------------------------------------
 class _TerminalFilter(logging.Filter):
     """dem-ray's records at `level` and up; every other logger's at ERROR and up."""
