@@ -380,3 +380,37 @@ def test_a_fine_tune_whose_worker_dies_keeps_one_run_with_each_step_once(
     loss = history(store, run, "loss")
     assert [s for s, _ in loss] == [1, 2, 3, 4, 5, 6]
     assert loss[-1][1] == pytest.approx(results["faulty"]["final_loss"])
+
+
+def test_fine_tunes_opening_runs_at_once_share_one_experiment(tmp_path, monkeypatch):
+    """Each fine-tune's thread opens its run; none may create a second experiment of the
+    same name (its run would be in the one a reader does not pick)."""
+    import threading
+
+    from mlflow import MlflowClient
+    from mlflow.store.tracking.file_store import FileStore
+
+    from dem_ray.run import external_tracking
+
+    checked = FileStore._validate_experiment_does_not_exist
+
+    def slow_check(self, name):  # widen the store's window between checking and creating
+        checked(self, name)
+        threading.Event().wait(0.1)
+
+    monkeypatch.setattr(FileStore, "_validate_experiment_does_not_exist", slow_check)
+    settings = {"tracking_uri": (tmp_path / "mlruns").as_uri(), "experiment": "race"}
+    ids, start = [], threading.Barrier(4)
+
+    def open_one() -> None:
+        start.wait()
+        ids.append(external_tracking._mlflow_client(settings)[1])
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 4 and len(set(ids)) == 1, ids
+    client = MlflowClient(settings["tracking_uri"])
+    assert [e.name for e in client.search_experiments()].count("race") == 1

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -344,13 +345,25 @@ def _allow_file_store(uri: str) -> None:
 def _mlflow_client(settings: dict[str, Any], create: bool = True):
     """(client, experiment id) for `settings`; the experiment is created when missing."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     _allow_file_store(settings["tracking_uri"])
     client = MlflowClient(settings["tracking_uri"])
     if "experiment_id" in settings or not create:
         return client, settings.get("experiment_id")
     name = settings["experiment"]
+    # The fine-tunes open their runs from one thread each: without the lock two of them can
+    # both find no experiment and both create one (a file store then holds two of the same
+    # name, and a fine-tune's run lands in the one a reader does not pick).
+    with _EXPERIMENT_LOCK:
+        return _experiment(client, name)
+
+
+_EXPERIMENT_LOCK = threading.Lock()
+
+
+def _experiment(client, name: str):
+    from mlflow.exceptions import MlflowException
+
     for attempt in (1, 2):
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
@@ -360,7 +373,7 @@ def _mlflow_client(settings: dict[str, Any], create: bool = True):
             return client, experiment.experiment_id
         try:
             return client, client.create_experiment(name)
-        except MlflowException:  # made at the same moment by another fine-tune's thread
+        except MlflowException:  # made at the same moment by another process
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
