@@ -40,20 +40,13 @@ VARIANTS = ("fp32", "bf16-mixed", "fp32+ckpt", "bf16-mixed+ckpt")
 
 
 def build_model(size: str, device: torch.device):
-    from merge_bandwidth import SHAPES
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """merge_bandwidth's random model of that shape, set up for training."""
+    import merge_bandwidth
 
-    config = LlamaConfig(**SHAPES[size], use_cache=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model = merge_bandwidth.build_model(size, None, device)
+    model.config.use_cache = False  # read at each forward; checkpointing wants it off
     model.train()
-    return model.to(device)
+    return model
 
 
 class RssPeak:
