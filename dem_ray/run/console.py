@@ -36,8 +36,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 # No rate: a worker's events reach the driver in batches, so tqdm's would be noise.
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
-# Bytes between two download events from one file (a worker's go through its log stream).
-DOWNLOAD_EVENT_BYTES = 64 << 20
 
 log = logging.getLogger(__name__)
 _ACTIVE: Console | None = None

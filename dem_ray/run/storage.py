@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dem_ray.core.atomic import atomic_file
-from dem_ray.run.console import DOWNLOAD_EVENT_BYTES, emit
+from dem_ray.run.console import emit
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +256,11 @@ class RunStorage:
 
 class _DownloadProgress:
     """Bytes fetched of a pull, as console events (a bar on a terminal), for pulls large
-    enough to wait on; at most one event per DOWNLOAD_EVENT_BYTES, so a worker's pull
+    enough to wait on; at most one event per EVENT_BYTES, so a worker's pull
     adds a few lines to its log stream, not one per chunk."""
 
     MIN_BYTES = 16 << 20
+    EVENT_BYTES = 64 << 20  # between two events (a worker's go through its log stream)
 
     def __init__(self, name: str, total: int) -> None:
         self.name, self.total, self.done, self.shown = name, total, 0, 0
@@ -267,7 +268,7 @@ class _DownloadProgress:
 
     def add(self, n: int) -> None:
         self.done += n
-        if self.on and self.done - self.shown >= DOWNLOAD_EVENT_BYTES:
+        if self.on and self.done - self.shown >= self.EVENT_BYTES:
             self._emit()
 
     def finish(self) -> None:
