@@ -13,7 +13,7 @@ from dem_ray.core.spaces import SpaceError
 from dem_ray.core.vectors import VectorError
 from dem_ray.data.readers import DataError
 from dem_ray.models.base import ModelError
-from dem_ray.run.console import DATE_FORMAT, LOG_DIR, LOG_FORMAT, Console, new_log_dir
+from dem_ray.run.console import DATE_FORMAT, LOG_FORMAT, Console, new_log_dir
 from dem_ray.run.storage import StorageError
 
 log = logging.getLogger("dem_ray.cli")
@@ -155,7 +155,7 @@ def _run_stages(args, config) -> int:
 
     pipeline = Pipeline(config, ray_address=args.ray_address, verify=args.verify)
     # One folder per command: a bucket run dir's logs from several machines never collide.
-    logs = new_log_dir(pipeline.run_dir / LOG_DIR, args.command)
+    logs = new_log_dir(pipeline.layout.logs, args.command)
     console = Console(logs, verbose=args.verbose, quiet=args.quiet)
     console.open(header=f"dem-ray {args.command} {args.config}")
     try:

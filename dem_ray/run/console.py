@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-LOG_DIR = "logs"
 MARKER = "::dem-ray-event::"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"

@@ -86,6 +86,11 @@ class RunLayout:
         return self.root / "report"
 
     @property
+    def logs(self) -> Path:
+        """A folder per command (`console.new_log_dir`): the driver's, workers' and Ray's logs."""
+        return self.root / "logs"
+
+    @property
     def ray_train(self) -> Path:
         return self.root / "ray_train"
 
