@@ -50,6 +50,8 @@ Autocast = Literal["none", "bfloat16", "float16"]
 VectorDtype = Literal["float32", "bfloat16", "float16"]
 LrSchedule = Literal["constant", "cosine", "linear"]
 Precision = Literal["fp32", "bf16-mixed"]
+Strategy = Literal["ddp", "fsdp"]
+FinetuneMethod = Literal["full", "lora"]
 DataFormat = Literal["text", "chat", "prompt_completion"]
 PrepareEngine = Literal["auto", "local", "ray"]
 BaseKind = Literal["gguf", "dir", "hub"]
@@ -307,6 +309,36 @@ class _Placed(_Section):
         return self
 
 
+class LoraSettings(_Section):
+    """The low-rank adapters of `finetune.method: lora` (PEFT's `LoraConfig`)."""
+
+    rank: int = Field(16, gt=0, description="the adapters' rank r")
+    alpha: float = Field(
+        32.0, gt=0, description="LoRA's alpha: each update is scaled by `alpha / rank`"
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout on the adapters' input while training",
+        json_schema_extra=_meta(error=_PLAIN_RANGE),
+    )
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="the modules that get adapters: `all-linear` (every linear layer but the "
+        "output head), or a list of module name suffixes such as `[q_proj, v_proj]`",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _named_modules(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and not value.strip():
+            raise _Problem("'{key}' is empty; use all-linear or a list of module names")
+        if isinstance(value, list) and (not value or not all(v.strip() for v in value)):
+            raise _Problem("'{key}' must list at least one module name, e.g. [q_proj, v_proj]")
+        return value
+
+
 class FinetuneConfig(_Placed):
     """Hyper-parameters shared by every per-dataset fine-tune (and the baseline)."""
 
@@ -317,8 +349,11 @@ class FinetuneConfig(_Placed):
     # default is what those runs did). `precision: null` resolves per device in the worker
     # (the manifest records the resolved one); an explicit value is hashed as given.
     added_later: ClassVar[frozenset[str]] = frozenset(
-        {"lr_schedule", "min_lr_ratio", "grad_accum_steps", "precision"}
-    )
+        {"lr_schedule", "min_lr_ratio", "grad_accum_steps", "precision", "strategy", "method",
+         "lora"}
+    )  # fmt: skip
+    # `lora` is read (and hashed) only with `method: lora`.
+    only_with: ClassVar[dict[str, tuple[str, str]]] = {"lora": ("method", "lora")}
 
     max_steps: int = Field(60, gt=0, description="optimizer steps per fine-tune")
     batch_size: int = Field(
@@ -376,7 +411,27 @@ class FinetuneConfig(_Placed):
         "pass of compute a step, the same result",
         json_schema_extra=_meta(_RESOURCE),
     )
-    num_workers: int = Field(1, gt=0, description="Ray Train workers per fine-tune (DDP when > 1)")
+    num_workers: int = Field(
+        1, gt=0, description="Ray Train workers per fine-tune (data parallel when > 1)"
+    )
+    strategy: Strategy = Field(
+        "ddp",
+        description="how the workers share a fine-tune: `ddp` (each holds the whole model, "
+        "its gradients and AdamW state) or `fsdp` (FSDP2: each holds 1/`num_workers` of them, "
+        "for models one device cannot train)",
+    )
+    method: FinetuneMethod = Field(
+        "full",
+        description="`full`: every weight trains and the vector is dense; `lora`: low-rank "
+        "adapters (`finetune.lora`) train, `finetune/<name>/` is a PEFT adapter and its vector "
+        "stays low-rank on disk and on the evaluators",
+    )
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings,
+        description="`method: lora`'s adapters: `{rank: 16, alpha: 32, dropout: 0.0, "
+        "target_modules: all-linear}`",
+        json_schema_extra=_meta(shown="rank 16, alpha 32"),
+    )
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs Ray reserves per worker", json_schema_extra=_meta(_RESOURCE)
     )
@@ -581,9 +636,23 @@ class EvaluatorConfig(_Placed):
     gpus_per_actor: float = Field(
         0.0,
         ge=0,
-        description="GPUs per actor; > 0 evaluates on GPU",
+        description="GPUs per actor; > 0 evaluates on GPU. A whole number N > 1 spreads each "
+        "actor's model over N GPUs in contiguous blocks of layers (each GPU holds and merges "
+        "its layers' base and vectors), for a base + k vectors one GPU cannot hold",
         json_schema_extra=_meta(_RESOURCE),
     )
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise _Problem(
+                "'{key}' is {value}: above 1 it must be a whole number of GPUs to spread the "
+                "model over (e.g. 2 or 4); a share of one GPU is a number up to 1",
+                value=value,
+            )
+        return value
+
     cpus_per_actor: float = Field(
         1.0,
         gt=0,
@@ -939,6 +1008,19 @@ class TrackingConfig(_Section):
         return None if value is False else value
 
 
+class ClusterConfig(_Section):
+    """How the run waits for an autoscaling cluster. No stage hashes this section."""
+
+    node_start_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="seconds a fine-tune's workers (and the evaluator pool) wait for the "
+        "autoscaler to add the nodes they need before the run fails (Ray Train's own default "
+        "is 60 s)",
+        json_schema_extra=_meta(_RESOURCE),
+    )
+
+
 @dataclass(frozen=True)
 class BaseModelSpec:
     """Where the base model comes from, and how to load it.
@@ -996,6 +1078,7 @@ class RunConfig(_Strict):
     cost: CostConfig = Field(default_factory=CostConfig)
     # No stage hashes it (each hashes its own sections), so tracking never re-runs one.
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)  # hashed by no stage
     # Not a key of the file: `parse_config` sets it, and it is left out of dumps.
     source: str = Field("<dict>", exclude=True)
 
@@ -1020,7 +1103,9 @@ class RunConfig(_Strict):
                 raise _Problem("missing required key '{key}'", below=key)
         return data if source is None else {**data, "source": source}
 
-    @field_validator("finetune", "search", "evaluator", "merge", "cost", "tracking", mode="before")
+    @field_validator(
+        "finetune", "search", "evaluator", "merge", "cost", "tracking", "cluster", mode="before"
+    )
     @classmethod
     def _empty_section_takes_defaults(cls, value: Any) -> Any:
         return {} if value is None else value
@@ -1131,7 +1216,13 @@ def result_settings(section: BaseModel) -> dict[str, Any]:
     skip = {n for n, f in fields.items() if field_role(f) != "result"}
     # A section's `added_later` keys are left out at their default (see FinetuneConfig).
     later = getattr(type(section), "added_later", frozenset())
-    skip |= {n for n in later if getattr(section, n) == fields[n].get_default()}
+    skip |= {
+        n for n in later if getattr(section, n) == fields[n].get_default(call_default_factory=True)
+    }
+    # Keys that mean something only beside another's value (`lora` with `method: lora`).
+    for name, (key, value) in getattr(type(section), "only_with", {}).items():
+        if getattr(section, key) != value:
+            skip.add(name)
     return section.model_dump(exclude=skip)
 
 

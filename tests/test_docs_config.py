@@ -11,11 +11,13 @@ from dem_ray.config import (
     README_END,
     README_START,
     BaselineConfig,
+    ClusterConfig,
     CostConfig,
     DatasetConfig,
     DownstreamConfig,
     EvaluatorConfig,
     FinetuneConfig,
+    LoraSettings,
     MergeConfig,
     MlflowConfig,
     PrepareConfig,
@@ -80,6 +82,7 @@ def test_every_key_is_documented(model) -> None:
             "prepare",
             "cost",
             "tracking",
+            "cluster",
         }
         if model is RunConfig and (nested or info.exclude):
             continue
@@ -101,9 +104,14 @@ def test_table_lists_every_key_once_in_field_order() -> None:
         ("prepare", PrepareConfig),
         ("cost", CostConfig),
     ]:
-        expected += [f"`{prefix}.{k}`" for k in model.model_fields]
+        for k in model.model_fields:
+            if model is FinetuneConfig and k == "lora":  # a nested section: its keys
+                expected += [f"`finetune.lora.{n}`" for n in LoraSettings.model_fields]
+            else:
+                expected.append(f"`{prefix}.{k}`")
     for tracker, model in [("mlflow", MlflowConfig), ("wandb", WandbConfig)]:
         expected += [f"`tracking.{tracker}.{k}`" for k in model.model_fields]
+    expected += [f"`cluster.{k}`" for k in ClusterConfig.model_fields]
     assert keys == expected
     assert "`source`" not in keys  # not a key of the file
 
