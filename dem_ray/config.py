@@ -469,10 +469,10 @@ class FinetuneConfig(_Placed):
     max_concurrent: int | None = Field(
         None,
         gt=0,
-        description="trainers in flight at once; by default as many as the cluster's free "
-        "CPUs/GPUs hold when they launch (Ray Train gives up on a trainer that waits over 60 s "
-        "for resources). On an autoscaling cluster set it to what the autoscaler may add",
-        json_schema_extra=_meta(_RESOURCE, shown="what fits"),
+        description="trainers in flight at once; by default every fine-tune is launched "
+        "together, so an autoscaler sees the whole demand, and those that find no room wait "
+        "(`cluster.node_start_timeout_s`). A cap, e.g. for a budget of nodes",
+        json_schema_extra=_meta(_RESOURCE, shown="all"),
     )
     log_every: int = Field(
         10, gt=0, description="steps between progress lines", json_schema_extra=_meta(_RESOURCE)
@@ -491,6 +491,17 @@ class FinetuneConfig(_Placed):
         description="times Ray Train restarts a failed worker group from its latest checkpoint",
         json_schema_extra=_meta(_RESOURCE),
     )
+
+    @model_validator(mode="after")
+    def _lora_without_fsdp(self) -> FinetuneConfig:
+        if self.method == "lora" and self.strategy == "fsdp":
+            raise _Problem(
+                "{strategy}: fsdp with {method}: lora is not supported; LoRA trains and keeps "
+                "optimizer state only for the adapters, so use {strategy}: ddp (a 13B base in "
+                "bf16-mixed holds its frozen layers in bf16: 26 GB)",
+                keys={"strategy": "strategy", "method": "method"},
+            )
+        return self
 
 
 class SearchConfig(_Section):
@@ -1014,9 +1025,10 @@ class ClusterConfig(_Section):
     node_start_timeout_s: float = Field(
         900.0,
         gt=0,
-        description="seconds a fine-tune's workers (and the evaluator pool) wait for the "
-        "autoscaler to add the nodes they need before the run fails (Ray Train's own default "
-        "is 60 s)",
+        description="seconds each request of a fine-tune's workers for their resources stands "
+        "(Ray Train's worker-group start timeout; its own default, 60 s, withdraws the request "
+        "before a cloud node has booted). Ray Train then asks again: a fine-tune waits for "
+        "the autoscaler, or for the others to finish, however long that takes",
         json_schema_extra=_meta(_RESOURCE),
     )
 
@@ -1181,6 +1193,17 @@ class RunConfig(_Strict):
                     )
         full = tuple(tuple((n, dict(mix).get(n, 0.0)) for n in names) for mix in baseline.mixtures)
         return baseline.model_copy(update={"mixtures": full})
+
+    @model_validator(mode="after")
+    def _lowrank_vectors_merge_linearly(self) -> RunConfig:
+        if self.finetune.method == "lora" and self.search.merge_method != "linear":
+            raise _Problem(
+                "'search.merge_method' is {method}, but 'finetune.method: lora' keeps its vectors "
+                "low-rank, which only `linear` merges (ties and DARE trim or drop entries of the "
+                "dense vector); set search.merge_method: linear or finetune.method: full",
+                method=self.search.merge_method,
+            )
+        return self
 
     @model_validator(mode="after")
     def _downstream_fits_the_run(self) -> RunConfig:

@@ -757,3 +757,22 @@ def test_result_settings_leave_out_resources_and_extent() -> None:
     assert set(result_settings(EvaluatorConfig())) == ROLES[EvaluatorConfig]["result"]
     # A whole section's dump still has everything (for the record of what ran).
     assert set(parse_config(minimal()).section("search")) == set(SearchConfig.model_fields)
+
+
+# -- finetune.method: lora beside the keys it cannot go with ------------------------------
+
+
+def test_lora_with_fsdp_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    raw = {**minimal(), "finetune": {"method": "lora", "strategy": "fsdp"}}
+    message = error_of(tmp_path, raw)
+    assert "finetune.strategy" in message and "finetune.method" in message, message
+    assert "ddp" in message
+
+
+def test_lora_vectors_merge_only_linearly(tmp_path: Path) -> None:
+    raw = {**minimal(), "finetune": {"method": "lora"}, "search": {"merge_method": "ties"}}
+    message = error_of(tmp_path, raw)
+    assert "search.merge_method" in message and "linear" in message, message
+    ok = {**minimal(), "finetune": {"method": "lora", "lora": {"rank": 8}}}
+    config = load_config(write(tmp_path, ok))
+    assert (config.finetune.lora.rank, config.search.merge_method) == (8, "linear")

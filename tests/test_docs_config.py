@@ -128,7 +128,7 @@ def test_table_lists_every_key_once_in_field_order() -> None:
         ("`finetune.learning_rate`", "`1e-4`"),
         ("`finetune.gpus_per_worker`", "`0.0`"),
         ("`finetune.resources`", "`{}`"),
-        ("`finetune.max_concurrent`", "what fits"),
+        ("`finetune.max_concurrent`", "all"),
         ("`search.algorithm`", "`tpe`"),
         ("`search.scheduler`", "`none`"),
         ("`baseline.grid_step`", "one of the two"),

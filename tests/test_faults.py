@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import ray
 import torch
 from conftest import kill_processes_under, lines_in, stand_in_run, wait_for
 from safetensors.torch import load_file
+from worker_hooks import exit_once, hooks_by_value
 
 from dem_ray.cli import main
 from dem_ray.config import parse_config
@@ -154,8 +154,6 @@ def test_resumed_grid_skips_the_points_already_evaluated():
 def test_finetune_worker_killed_resumes_from_its_checkpoint(
     ray_session, stand_in, tmp_path, monkeypatch
 ):
-    from ray import cloudpickle
-
     from dem_ray.ray import finetune
     from dem_ray.ray.finetune import FinetuneJob, run_finetunes
 
@@ -172,13 +170,10 @@ def test_finetune_worker_killed_resumes_from_its_checkpoint(
     marker = tmp_path / "fault-fired"
     # The worker of "faulty" exits abruptly after step 3, once (the marker stops it firing
     # again after Ray Train restarts the worker from the checkpoint of step 2).
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     storage = tmp_path / "ray_train"
-    monkeypatch.setattr(finetune, "AFTER_STEP", _exit_once(marker, "faulty", 3, storage))
-    try:
+    monkeypatch.setattr(finetune, "AFTER_STEP", exit_once(marker, "faulty", 3, storage))
+    with hooks_by_value():
         results, errors = run_finetunes(jobs, hp, storage)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert errors == {}
     assert marker.exists()  # the fault really fired
     plain, faulty = results["plain"], results["faulty"]
@@ -189,26 +184,6 @@ def test_finetune_worker_killed_resumes_from_its_checkpoint(
     b = load_file(tmp_path / "faulty" / "model.safetensors")
     for name in a:  # the resumed run is the uninterrupted one, batch for batch
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
-
-
-def _exit_once(marker: Path, job: str, at_step: int, storage: Path):
-    """A worker hook: exit abruptly after `at_step`, once the Ray Train controller has
-    registered the checkpoint reported before it (it writes its checkpoint manager's
-    snapshot when it does; dying before that would lose the checkpoint, as it would
-    for any real crash that soon after a report)."""
-
-    def after_step(name: str, step: int, rank: int) -> None:
-        if name != job or rank != 0 or step != at_step or marker.exists():
-            return
-        deadline = time.monotonic() + 120
-        while not list(storage.glob(f"finetune-{job}-*/checkpoint_manager_snapshot.json")):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the controller never registered the checkpoint")
-            time.sleep(0.05)
-        marker.write_text(f"killed after step {step}\n")
-        os._exit(1)
-
-    return after_step
 
 
 def test_sampler_replay_counts_the_rows_the_lost_steps_drew(tmp_path):
@@ -408,7 +383,7 @@ def test_train_state_round_trips_through_safetensors_and_json(tmp_path):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-    _save_state(model, optimizer, scheduler, 3, 1.5, tmp_path)
+    _save_state(model, None, optimizer.state_dict(), scheduler, 3, 1.5, tmp_path)
     files = sorted(p.name for p in (tmp_path / TRAIN_STATE).iterdir())
     assert files == ["optimizer.safetensors"]
     state = _load_state(tmp_path)

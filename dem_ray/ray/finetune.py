@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -24,9 +25,18 @@ from ray.train.torch import TorchTrainer
 
 from dem_ray.config import FinetuneConfig
 from dem_ray.core.atomic import atomic_dir
+from dem_ray.core.merge import unique_parameters
 from dem_ray.core.perplexity import last_target
 from dem_ray.models.base import copy_tokenizer
-from dem_ray.ray.placement import scaling_config, trainers_that_fit
+from dem_ray.models.lora import add_adapters, freeze_base_in
+from dem_ray.ray.parallel import (
+    full_states,
+    full_weights,
+    gradient_sync,
+    load_optimizer_state,
+    shard_model,
+)
+from dem_ray.ray.placement import scaling_config, trainers_that_fit, worker_resources
 from dem_ray.run.console import emit
 from dem_ray.run.external_tracking import RunSpec, finish_run, open_run, worker_run
 from dem_ray.run.stopping import start_threads, wait_threads
@@ -150,23 +160,19 @@ def accumulate_gradients(
 
     Each micro-batch's mean loss is weighted by its share of the step's loss targets, so
     the gradient is the one a single batch of all their rows gives (packed text: 1/N
-    each). One micro-batch is today's plain `loss.backward()`. Under DDP only the last
-    backward all-reduces (`no_sync` before it). `bf16-mixed`: the forward under bf16
-    autocast, the weights and their gradients fp32.
+    each). One micro-batch is today's plain `loss.backward()`. Under DDP and FSDP only
+    the last backward all-reduces (`parallel.gradient_sync`). `bf16-mixed`: the forward
+    under bf16 autocast, the weights and their gradients fp32.
     """
     targets = [int((labels[:, 1:] != -100).sum()) for _, labels in micro_batches]
     total = sum(targets)
     # A micro-batch without targets adds nothing (and its mean loss is 0/0); if none has
     # any, the last runs alone and its NaN loss stops the fine-tune as it always did.
     live = [i for i, n in enumerate(targets) if n] or [len(micro_batches) - 1]
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     step_loss = None
     for i in live:
         ids, labels = micro_batches[i]
-        last = i == live[-1]
-        with contextlib.ExitStack() as stack:
-            if ddp and not last:
-                stack.enter_context(model.no_sync())
+        with gradient_sync(model, sync=i == live[-1]):
             with contextlib.ExitStack() as forward:
                 if precision == "bf16-mixed":
                     forward.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
@@ -184,15 +190,18 @@ def accumulate_gradients(
 AFTER_STEP: Callable[[str, int, int], None] | None = None
 
 
-def _save_state(model, optimizer, scheduler, step: int, device_seconds: float, out: Path) -> None:
+def _save_state(
+    model, weights: dict | None, opt: dict, scheduler, step: int, device_seconds: float, out: Path
+) -> None:
     """A resumable checkpoint: weights, optimizer tensors (safetensors) and step state (JSON).
 
-    Safetensors and JSON rather than `torch.save`: nothing dem-ray reads is a pickle.
+    `weights`, `opt`: the model's and optimizer's state as `parallel.full_states` gives
+    them (weights None: the model's own). Safetensors and JSON rather than `torch.save`:
+    nothing dem-ray reads is a pickle.
     """
     from safetensors.torch import save_file
 
-    model.save_pretrained(str(out), safe_serialization=True)
-    opt = optimizer.state_dict()
+    _save_model(model, weights, out)
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict] = {}
     for index, fields in opt["state"].items():
@@ -238,6 +247,17 @@ def _load_state(source: Path) -> dict:
 TRAIN_STATE = "dem_ray_train_state"
 
 
+def _save_model(model, weights: dict | None, out: Path, max_shard_size: int | str = "5GB") -> None:
+    """An HF model directory (or, for `method: lora`, a PEFT adapter directory), from the
+    gathered `weights` under FSDP."""
+    extra = {}
+    if weights is not None:  # the gathered dict names a tied weight twice; HF saves it once
+        aliases = {a for names in unique_parameters(model).values() for a in names[1:]}
+        extra["state_dict"] = {n: t for n, t in weights.items() if n not in aliases}
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size,
+                          **extra)  # fmt: skip
+
+
 def train_loop(config: dict) -> None:
     """Runs on each Ray Train worker: AdamW on random packed rows of one dataset or a mixture.
 
@@ -270,39 +290,48 @@ def train_loop(config: dict) -> None:
     tag = f"[finetune {config['name']}]"
     with contextlib.ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
-        source, state, events = str(base_dir), None, None
+        source, state, events = base_dir, None, None
         if checkpoint is not None:
-            source = stack.enter_context(checkpoint.as_directory())
-            state = _load_state(Path(source))
+            source = Path(stack.enter_context(checkpoint.as_directory()))
+            state = _load_state(source)
         if rank == 0:  # the events so far are the checkpoint's: a lost worker's later ones go
             events = StepEvents(config.get("events_live_dir"), None if state is None else source,
                                 extra=worker_run(config.get("tracking")))  # fmt: skip
         # fp32 master weights whatever the base's stored dtype (a bf16 base is upcast): in
-        # pure bf16, updates smaller than half a weight's bf16 spacing round away.
+        # pure bf16, updates smaller than half a weight's bf16 spacing round away. LoRA
+        # resumes the base plus the checkpoint's adapters.
+        lora = hp.method == "lora"
         model = AutoModelForCausalLM.from_pretrained(
-            source, use_safetensors=True, dtype=torch.float32,
+            str(base_dir if lora else source), use_safetensors=True, dtype=torch.float32,
             trust_remote_code=config.get("trust_remote_code", False),
         )  # fmt: skip
+        device = rt.get_device()
+        precision = resolve_precision(hp.precision, device)
+        if lora:
+            model = add_adapters(model, hp.lora, None if state is None else source)
+            if precision == "bf16-mixed":
+                freeze_base_in(model, torch.bfloat16)
         if hp.gradient_checkpointing:  # non-reentrant: the kind DDP works with
             kwargs = {"use_reentrant": False}  # (transformers 5 renamed gradient_checkpointing_*)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         model.train()
-        model = rt.prepare_model(model)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay
-        )
+        if hp.strategy == "fsdp" and world > 1:
+            model = shard_model(model, device)
+        else:
+            model = rt.prepare_model(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate,
+                                      weight_decay=hp.weight_decay)  # fmt: skip
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
             s, hp.warmup_steps, max_steps, hp.lr_schedule, hp.min_lr_ratio))  # fmt: skip
         start_step, earlier_seconds = 0, 0.0
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(model, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_step, earlier_seconds = state["step"], state["device_seconds"]
             emit("message", text=f"{tag} resuming from the checkpoint of step {start_step}")
-    device = next(model.parameters()).device
-    gpus = hp.gpus_per_worker
-    precision, accum = resolve_precision(hp.precision, device), hp.grad_accum_steps
+    gpus, accum = hp.gpus_per_worker, hp.grad_accum_steps
     rows_seen = rows_before(probs, hp.batch_size, hp.seed, rank, start_step, accum)
     tokens_per_step = hp.batch_size * accum * hp.seq_len * world
     interval_start, loss_value = time.perf_counter(), float("nan")
@@ -317,7 +346,7 @@ def train_loop(config: dict) -> None:
             rows_seen += counts
             micro_batches.append(labels_of(batch.to(dtype=torch.long), mask))
         loss = accumulate_gradients(model, micro_batches, device, precision)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -335,9 +364,10 @@ def train_loop(config: dict) -> None:
             interval_start = time.perf_counter()
         if step % hp.checkpoint_every == 0 and step < max_steps:
             spent = _sum_over_workers(_device_seconds(device, wall0, cpu0, gpus), world, device)
-            _report(model, rank, {"step": step}, lambda out, s=step, t=spent: _save_state(
-                _unwrap(model), optimizer, scheduler, s, earlier_seconds + t, out),
-                events)  # fmt: skip
+            weights, opt_state = full_states(model, optimizer)  # every rank: FSDP gathers
+            _report(model, rank, {"step": step}, lambda out, s=step, t=spent, w=weights,
+                    o=opt_state: _save_state(_unwrap(model), w, o, scheduler, s,
+                                             earlier_seconds + t, out), events)  # fmt: skip
         if config.get("after_step") is not None:
             config["after_step"](config["name"], step, rank)
     device_seconds = earlier_seconds + _sum_over_workers(
@@ -359,11 +389,10 @@ def train_loop(config: dict) -> None:
         "precision": precision,  # the one used: `finetune.precision` resolved on this device
         "node_id": ray.get_runtime_context().get_node_id(),
     }
+    weights = full_weights(model)  # every rank: FSDP gathers
 
     def save_final(out: Path) -> None:
-        _unwrap(model).save_pretrained(
-            str(out), safe_serialization=True, max_shard_size=config.get("max_shard_size", "5GB")
-        )
+        _save_model(_unwrap(model), weights, out, config.get("max_shard_size", "5GB"))
         copy_tokenizer(base_dir, out)
 
     if events is not None:
@@ -418,14 +447,43 @@ def loop_config(
     }
 
 
-def concurrency_that_fits(hp: FinetuneConfig) -> int:
-    """How many trainers the cluster's free resources hold now (at least one).
+# Ray Train V2 (2.60) waits this long for a worker group's placement group, then tears it
+# down and asks again (a retried controller error, without limit by default). Its 60 s
+# default withdraws the request before a cloud node has booted.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
-    Ray Train gives up on a worker group that waits more than 60 s for resources, so
-    launching more trainers than fit would fail the rest; on an autoscaling cluster
-    set `finetune.max_concurrent` to what the autoscaler may add.
-    """
-    return trainers_that_fit(hp, ray.available_resources())
+
+@contextlib.contextmanager
+def worker_group_start_timeout(seconds: float):
+    """Ray Train's worker-group start timeout (`cluster.node_start_timeout_s`) for the
+    trainers made inside; Ray passes the driver's value to each trainer's controller."""
+    before = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = str(float(seconds))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = before
+
+
+def _log_demand(jobs: list[FinetuneJob], hp: FinetuneConfig, limit: int, timeout: float) -> None:
+    """What the launch asks the cluster for, and how much of it is there now."""
+    fits_now = trainers_that_fit(hp, ray.available_resources())
+    launched = min(limit, len(jobs))
+    log.info(
+        "launching %d fine-tunes, %d at a time (%d x %s each): %s",
+        len(jobs), launched, hp.num_workers, worker_resources(hp),
+        ", ".join(j.name for j in jobs),
+    )  # fmt: skip
+    if launched > fits_now:
+        log.info(
+            "the free resources hold %d of them now; the others wait for the autoscaler to add "
+            "nodes, or for a fine-tune to finish (each request stands %.0f s, "
+            "cluster.node_start_timeout_s, then is made again)",
+            fits_now, timeout,
+        )  # fmt: skip
 
 
 def _sum_over_workers(value: float, world: int, device: torch.device) -> float:
@@ -445,8 +503,13 @@ def run_finetunes(
     ray_storage: tuple[str, object] | None = None,
     trust_remote_code: bool = False,
     on_done: Callable[[str, dict], None] | None = None,
+    node_start_timeout_s: float = 900.0,
 ) -> tuple[dict[str, dict], dict[str, BaseException]]:
     """Fit every job concurrently; copy each result to its out_dir.
+
+    Every trainer is launched at once (at most `finetune.max_concurrent`), so an
+    autoscaler sees the whole demand and adds nodes for all of it; a trainer that finds
+    no room waits for it (`node_start_timeout_s` per request, Ray Train re-asking).
 
     Ray Train keeps its checkpoints in `storage_dir`, or at `ray_storage` (a
     `storage_path` and `storage_filesystem`, for a URI run directory) when given.
@@ -506,11 +569,8 @@ def run_finetunes(
             errors[job.name] = exc
         finish_run(tracking, failed=job.name in errors)
 
-    limit = hp.max_concurrent or concurrency_that_fits(hp)
-    log.info(
-        "launching %d fine-tunes, %d at a time: %s",
-        len(jobs), min(limit, len(jobs)), ", ".join(j.name for j in jobs),
-    )  # fmt: skip
+    limit = hp.max_concurrent or len(jobs)
+    _log_demand(jobs, hp, limit, node_start_timeout_s)
     slots = threading.Semaphore(limit)
 
     def fit_in_slot(job: FinetuneJob) -> None:
@@ -520,11 +580,11 @@ def run_finetunes(
 
     # Daemon threads, waited for in a way a signal interrupts: a stopped run is not kept
     # alive by a fit() still blocked in Ray, and each result is handed over as it lands.
-    threads = start_threads((fit_in_slot, (job,), job.name) for job in jobs)
-
     def done(thread) -> None:
         if on_done is not None and thread.name in results:
             on_done(thread.name, results[thread.name])
 
-    wait_threads(threads, on_done=done)
+    with worker_group_start_timeout(node_start_timeout_s):
+        threads = start_threads((fit_in_slot, (job,), job.name) for job in jobs)
+        wait_threads(threads, on_done=done)
     return results, errors

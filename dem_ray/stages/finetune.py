@@ -12,7 +12,10 @@ from dem_ray.stages.base import RunContext, Stage, StageError, Step
 class FinetuneStage(Stage):
     name = "finetune"
     command = "finetune"
-    outputs = "`finetune/<name>/` (an HF model directory per dataset)"
+    outputs = (
+        "`finetune/<name>/` (an HF model directory per dataset; with `finetune.method: lora`, "
+        "a PEFT adapter directory)"
+    )
     invalidated_by = {
         "finetune": "every `finetune.*` key that changes the result (not the resource, "
         "logging and retry keys)",
@@ -65,7 +68,8 @@ class FinetuneStage(Stage):
         _, errors = run_finetunes(jobs, ctx.cfg.finetune, layout.ray_train,
                                   ctx.storage.ray_storage("ray_train"),
                                   trust_remote_code=ctx.cfg.trust_remote_code,
-                                  on_done=record)  # fmt: skip
+                                  on_done=record,
+                                  node_start_timeout_s=ctx.cfg.cluster.node_start_timeout_s)  # fmt: skip
         if errors:
             name, exc = next(iter(errors.items()))
             raise StageError(f"fine-tune '{name}' failed: {exc}") from exc
