@@ -43,8 +43,8 @@ def _fit(pipeline, tmp_path: Path, name: str, monkeypatch, fault_rank: int | Non
     storage = tmp_path / f"ray-{name}"
     marker = tmp_path / f"{name}-fault-fired"
     if fault_rank is not None:
-        monkeypatch.setattr(finetune, "AFTER_STEP",
-                            exit_once(marker, name, 3, storage, rank_to_kill=fault_rank))  # fmt: skip
+        hook = exit_once(marker, name, 3, storage, rank_to_kill=fault_rank)
+        monkeypatch.setattr(finetune, "AFTER_STEP", hook)
     with hooks_by_value():
         results, errors = run_finetunes([job], hp, storage)
     monkeypatch.setattr(finetune, "AFTER_STEP", None)

@@ -2,9 +2,10 @@
 
 `ResidentMerge` re-points every parameter of a live model at a view into one flat
 buffer, and keeps theta_0 (in the model's dtype) and the stacked vectors as flat
-buffers beside it. A candidate is then one pass of `merge_methods.combine` over all
-parameters, chunk by chunk through reused float32 scratch, written straight into the
-model's weights: no allocation, no disk, no model re-creation. Pure torch.
+buffers beside it (one set of buffers per device, for a model spread over GPUs). A
+candidate is then one pass of `merge_methods.combine` over all parameters, chunk by
+chunk through reused float32 scratch, written straight into the model's weights: no
+allocation, no disk, no model re-creation. Pure torch.
 
 `merge_to_dir` runs the same `combine` on the same inputs (theta_0 as stored, the
 vectors rounded to the evaluators' `vector_dtype`), so the directory it writes holds,
@@ -23,8 +24,9 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,6 +75,23 @@ def unique_parameters(model: torch.nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in by_id.values()}
 
 
+@dataclass
+class MergePart:
+    """One device's share of a `ResidentMerge`: flat buffers of only its parameters.
+
+    `segments`: maximal runs of the flat buffers in one block group, (start, end, group
+    index); `scratch`: `combine`'s float32 buffers on this device (None without vectors).
+    """
+
+    key: Hashable
+    device: torch.device
+    live: torch.Tensor
+    vectors: torch.Tensor
+    base: torch.Tensor | None = None
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    scratch: Scratch | None = None
+
+
 class ResidentMerge:
     """A live model whose weights are rewritten in place for each candidate."""
 
@@ -87,6 +106,7 @@ class ResidentMerge:
         dare_seed: int = 0,
         groups: int | None = None,
         names: Sequence[str] | None = None,
+        buffer_of: Callable[[str], Hashable] | Mapping[str, Hashable] | None = None,
     ) -> None:
         """`vectors` may be lazy mappings (e.g. `LazyTensors`): each tensor is read once.
 
@@ -95,6 +115,13 @@ class ResidentMerge:
         replace the raw ones. `groups`: None for one weight per vector, G for one weight
         per vector and block group (`blocks.group_names(G)`), dataset-major. `names`:
         the vectors' dataset names, which seed DARE (default `vector0`, `vector1`, ...).
+
+        The flat live, base, vectors and scratch buffers are kept per part (`parts`): by
+        default one part per device the parameters are on, so a model spread over GPUs
+        (`partition.evaluator_device_map`) holds and merges each GPU's parameters on that
+        GPU. `buffer_of` (parameter name -> part key, a callable or a mapping) forces
+        the parts instead, so tests can split a CPU model; a part's parameters must share
+        one device. Every part uses the first parameter's dtype, as one buffer did.
         """
         self.model = model
         self.k = len(vectors)
@@ -106,90 +133,132 @@ class ResidentMerge:
         params = dict(model.named_parameters(remove_duplicate=False))
         uniques = unique_parameters(model)
         num_layers = count_layers(params)
-        first = next(iter(params.values()))
-        device, dtype = first.device, first.dtype
-        total = sum(params[name].numel() for name in uniques)
-        self.live = torch.empty(total, dtype=dtype, device=device)
-        self.vectors = torch.empty((self.k, total), dtype=DTYPES[vector_dtype], device=device)
+        dtype = next(iter(params.values())).dtype
+        keys = {name: _part_key(buffer_of, name, params[name]) for name in uniques}
+        self.parts: list[MergePart] = []
+        index: dict[Hashable, int] = {}
+        totals: dict[Hashable, int] = {}
+        for name, key in keys.items():
+            if key not in index:
+                index[key] = len(index)
+                totals[key] = 0
+            totals[key] += params[name].numel()
+        for key in index:
+            devices = {params[n].device for n in uniques if keys[n] == key}
+            if len(devices) != 1:
+                raise MergeError(
+                    f"buffer part {key!r} holds parameters on {len(devices)} devices "
+                    f"({', '.join(sorted(map(str, devices)))}); a part's must share one"
+                )
+            device = devices.pop()
+            live = torch.empty(totals[key], dtype=dtype, device=device)
+            stacked = torch.empty((self.k, totals[key]), dtype=DTYPES[vector_dtype], device=device)
+            self.parts.append(MergePart(key, device, live, stacked))
+        # Parameter name -> (offset, numel, shape) in its part's buffers, and the part.
         self.slices: dict[str, tuple[int, int, torch.Size]] = {}
-        # Maximal runs of the flat buffer in one block group: (start, end, group index).
-        self.segments: list[tuple[int, int, int]] = []
-        offset = 0
-        for name, aliases in uniques.items():
+        self.part_of: dict[str, int] = {}
+        offsets = [0] * len(self.parts)
+        for name, aliases in uniques.items():  # in the model's order, as before
             param = params[name]
-            n = param.numel()
-            view = self.live[offset : offset + n]
+            i = index[keys[name]]
+            part, offset, n = self.parts[i], offsets[i], param.numel()
+            view = part.live[offset : offset + n]
             view.copy_(param.data.reshape(-1))
             stored = name  # the name the vector files store it under (the first vector's)
-            for i, vector in enumerate(vectors):
-                alias, tensor = _pick(vector, aliases, i)
-                if i == 0:
+            for j, vector in enumerate(vectors):
+                alias, tensor = _pick(vector, aliases, j)
+                if j == 0:
                     stored = alias
-                if not torch.isfinite(tensor).all():
-                    raise VectorError(
-                        f"{getattr(vector, 'path', f'vector {i}')}: tensor '{aliases[0]}' has "
-                        "NaN or Inf; re-run `dem-ray vectors CONFIG --force` (and the finetune "
-                        "stage if the fine-tune itself diverged)"
-                    )
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise VectorError(
-                        f"vector {i}: tensor '{aliases[0]}' has shape {tuple(tensor.shape)}, "
-                        f"the model {tuple(param.shape)}"
-                    )
-                tensor = prepare(tensor, method, density, dare_seed, self.names[i], alias)
-                self.vectors[i, offset : offset + n].copy_(tensor.reshape(-1))
+                _check_vector_tensor(vector, j, aliases[0], tensor, param.shape)
+                tensor = prepare(tensor, method, density, dare_seed, self.names[j], alias)
+                part.vectors[j, offset : offset + n].copy_(tensor.reshape(-1))
             param.data = view.view(param.shape)
             for alias in aliases:
                 self.slices[alias] = (offset, n, param.shape)
+                self.part_of[alias] = i
             group = 0 if self.groups is None else block_of(stored, num_layers, self.groups)
-            if self.segments and self.segments[-1][2] == group and self.segments[-1][1] == offset:
-                self.segments[-1] = (self.segments[-1][0], offset + n, group)
+            segments = part.segments
+            if segments and segments[-1][2] == group and segments[-1][1] == offset:
+                segments[-1] = (segments[-1][0], offset + n, group)
             elif n:
-                self.segments.append((offset, offset + n, group))
-            offset += n
-        self.base = self.live.clone()  # theta_0 in the model's own dtype, upcast per chunk
+                segments.append((offset, offset + n, group))
+            offsets[i] = offset + n
+        for part in self.parts:
+            part.base = part.live.clone()  # theta_0 in the model's dtype, upcast per chunk
+            # combine()'s float32 scratch, made once: apply() allocates nothing per candidate.
+            if self.k:
+                size = part.live.numel()
+                chunk = min(CUDA_CHUNK if part.device.type == "cuda" else MIX_CHUNK, max(size, 1))
+                part.scratch = Scratch(self.method, self.k, chunk, dtype, part.device,
+                                       part.vectors.dtype)  # fmt: skip
         # One row of weights per block group (a single row without groups), as float32: what
         # the last apply() multiplied by.
         self._wmat = torch.zeros((_group_count(self.groups), self.k), dtype=torch.float32)
         self._weights = self._wmat[0]
-        # combine()'s float32 scratch, made once: apply() allocates nothing per candidate.
-        self._scratch = None
-        if self.k:
-            chunk = min(CUDA_CHUNK if device.type == "cuda" else MIX_CHUNK, max(total, 1))
-            self._scratch = Scratch(self.method, self.k, chunk, dtype, device, self.vectors.dtype)
+
+    # With one part (every parameter on one device), its buffers as they always were.
+    @property
+    def live(self) -> torch.Tensor:
+        return self._single("live").live
+
+    @property
+    def base(self) -> torch.Tensor:
+        return self._single("base").base
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        return self._single("vectors").vectors
+
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        return self._single("segments").segments
+
+    @property
+    def _scratch(self) -> Scratch | None:
+        return self._single("_scratch").scratch
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices the parts are on (each once), e.g. to synchronize them all."""
+        return list(dict.fromkeys(part.device for part in self.parts))
+
+    def _single(self, what: str) -> MergePart:
+        if len(self.parts) != 1:
+            raise MergeError(
+                f"ResidentMerge.{what}: the buffers are in {len(self.parts)} parts, one per "
+                "device; use .parts[i] (and .part_of[name] with .slices[name])"
+            )
+        return self.parts[0]
 
     def apply(self, weights: Sequence[float]) -> None:
         """Set the live model to the method's merge of theta_0 and the vectors with `weights`.
 
         Without groups: one weight per vector. With G groups: k x (G + 2), dataset-major.
+        Each part is combined on its own device; an element's result depends on its own
+        inputs only, so it is the same however the parameters are split into parts.
         """
         weights = _check_weight_count(weights, self.k, self.groups)
         if self.k == 0:
-            self.live.copy_(self.base)
+            for part in self.parts:
+                part.live.copy_(part.base)
             return
         weights = check_weights(self.method, weights)
         columns = _columns(weights, self.k, self.groups)
         self._wmat.copy_(torch.tensor(columns, dtype=torch.float32))
-        # Adjacent runs whose groups carry the same weights merge as one run (fewer calls;
-        # the result is the same either way: combine's elements do not depend on the runs).
-        runs: list[list[int]] = []
-        for start, end, group in self.segments:
-            if runs and runs[-1][1] == start and columns[runs[-1][2]] == columns[group]:
-                runs[-1][1] = end
-            else:
-                runs.append([start, end, group])
-        for start, end, group in runs:
-            combine(
-                self.base[start:end],
-                self.vectors[:, start:end],
-                columns[group],
-                self.method,
-                self.live[start:end],
-                self._scratch,
-            )
+        for part in self.parts:
+            for start, end, group in _runs(part.segments, columns):
+                combine(
+                    part.base[start:end],
+                    part.vectors[:, start:end],
+                    columns[group],
+                    self.method,
+                    part.live[start:end],
+                    part.scratch,
+                )
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Put another checkpoint of the same architecture into the live weights."""
+        """Put another checkpoint of the same architecture into the live weights (each
+        tensor copied to its parameter's device)."""
         seen = set()
         for name, tensor in state.items():
             if name not in self.slices:
@@ -197,10 +266,56 @@ class ResidentMerge:
             offset, n, shape = self.slices[name]
             if tuple(tensor.shape) != tuple(shape):
                 raise MergeError(f"tensor '{name}' has shape {tuple(tensor.shape)}, base {shape}")
-            self.live[offset : offset + n].copy_(tensor.reshape(-1))
-            seen.add(offset)
-        if len(seen) != len({o for o, _, _ in self.slices.values()}):
+            part = self.part_of[name]
+            self.parts[part].live[offset : offset + n].copy_(tensor.reshape(-1))
+            seen.add((part, offset))
+        if len(seen) != len({(self.part_of[a], o) for a, (o, _, _) in self.slices.items()}):
             raise MergeError("the checkpoint does not cover every parameter of the base model")
+
+
+def _part_key(
+    buffer_of: Callable[[str], Hashable] | Mapping[str, Hashable] | None,
+    name: str,
+    param: torch.nn.Parameter,
+) -> Hashable:
+    """Which part a parameter's buffers go in: its device, unless `buffer_of` says."""
+    if buffer_of is None:
+        return param.device
+    if isinstance(buffer_of, Mapping):
+        if name not in buffer_of:
+            raise MergeError(f"buffer_of gives no part for parameter '{name}'")
+        return buffer_of[name]
+    return buffer_of(name)
+
+
+def _check_vector_tensor(
+    vector: Mapping[str, torch.Tensor], index: int, name: str, tensor: torch.Tensor, shape
+) -> None:
+    if not torch.isfinite(tensor).all():
+        raise VectorError(
+            f"{getattr(vector, 'path', f'vector {index}')}: tensor '{name}' has "
+            "NaN or Inf; re-run `dem-ray vectors CONFIG --force` (and the finetune "
+            "stage if the fine-tune itself diverged)"
+        )
+    if tuple(tensor.shape) != tuple(shape):
+        raise VectorError(
+            f"vector {index}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+            f"the model {tuple(shape)}"
+        )
+
+
+def _runs(
+    segments: list[tuple[int, int, int]], columns: list[tuple[float, ...]]
+) -> list[list[int]]:
+    """Adjacent segments whose groups carry the same weights, merged as one run (fewer
+    calls; the result is the same either way: combine's elements do not depend on runs)."""
+    runs: list[list[int]] = []
+    for start, end, group in segments:
+        if runs and runs[-1][1] == start and columns[runs[-1][2]] == columns[group]:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end, group])
+    return runs
 
 
 class LazyTensors(Mapping):

@@ -176,20 +176,31 @@ def _vocab(model_dir: Path) -> dict[str, int] | None:
     return vocab
 
 
-def load_model(path: Path, device: str = "cpu", trust_remote_code: bool = False):
+def load_model(
+    path: Path,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    device_map: dict[str, str | int] | None = None,
+):
     """An HF causal LM from a local safetensors directory, in the dtype its weights are
     stored in (`stored_dtype`; config.json's `dtype` where they mix): a bf16 base stays
-    bf16, so the evaluators score the very weights `merge` writes, never an upcast copy."""
+    bf16, so the evaluators score the very weights `merge` writes, never an upcast copy.
+
+    `device_map` (module name -> device, e.g. `partition.evaluator_device_map`) spreads
+    the model over several GPUs instead of putting it on `device`: transformers loads
+    each tensor straight onto its device and accelerate (a dependency) hooks the modules
+    to move the hidden states between them, so no device ever holds the whole model."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load, from every evaluator: log noise
     check_model_dir(Path(path), role="model")
+    placed = {} if device_map is None else {"device_map": dict(device_map)}
     model = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-        dtype=stored_dtype(Path(path)) or "auto",
+        dtype=stored_dtype(Path(path)) or "auto", **placed,
     )  # fmt: skip
-    return model.to(device)
+    return model if device_map is not None else model.to(device)
 
 
 def stored_dtype(model_dir: Path) -> torch.dtype | None:

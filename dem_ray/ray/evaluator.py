@@ -19,6 +19,7 @@ import ray
 import torch
 
 from dem_ray.core.merge import LazyTensors, ResidentMerge
+from dem_ray.core.partition import evaluator_device_map
 from dem_ray.core.perplexity import target_count, token_nll
 from dem_ray.data.shards import load_shard
 from dem_ray.downstream.tasks import TaskSet
@@ -66,9 +67,11 @@ class Evaluator:
         merge_spec: dict | None = None,
         test_paths: dict[str, str | RunPath] | None = None,
         sample_seed: int = 0,
+        spread_gpus: int | None = None,
     ) -> None:
         """`merge_spec`: ResidentMerge's method keywords (method, density, dare_seed,
-        groups, names); the vectors are prepared for the method once, here."""
+        groups, names); the vectors are prepared for the method once, here. `spread_gpus`:
+        the GPUs to spread the model over (default: the whole GPUs Ray gave the actor)."""
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
         if device is None:  # a GPU when Ray gave this actor one (or, outside Ray, when present)
             use_cuda = torch.cuda.is_available() and (gpu_ids or not ray.is_initialized())
@@ -81,8 +84,18 @@ class Evaluator:
         start = self._clock()
         self.base_dir = fetch(base_dir)
         self.trust_remote_code = trust_remote_code
+        # `evaluator.gpus_per_actor: N > 1`: contiguous blocks of layers on each of the N
+        # GPUs, each holding (and merging) its layers' base and vectors.
+        spread = spread_gpus or (int(self.num_gpus) if self.num_gpus > 1 else 1)
+        device_map = None
+        if spread > 1:
+            device_map = evaluator_device_map(self.base_dir, spread, k=len(vector_paths),
+                                              vector_dtype=vector_dtype,
+                                              trust_remote_code=trust_remote_code)  # fmt: skip
+            log.info("evaluator over %d GPUs: %s", spread, device_map)
         with explain_out_of_memory(self.device, "loading the base and the vectors"):
-            self.model = load_model(self.base_dir, self.device, trust_remote_code).eval()
+            self.model = load_model(self.base_dir, self.device, trust_remote_code,
+                                    device_map=device_map).eval()  # fmt: skip
             self.merge = ResidentMerge(
                 self.model,
                 [LazyTensors(fetch(p)) for p in vector_paths],
@@ -179,7 +192,7 @@ class Evaluator:
         self._merged = key
         self.merges += 1
         if self.device == "cuda":
-            torch.cuda.synchronize()
+            _synchronize()
         spent = time.perf_counter() - start[0]
         self.merge_seconds += spent
         return spent
@@ -262,14 +275,14 @@ class Evaluator:
 
     def _clock(self) -> tuple[float, float]:
         if self.device == "cuda":
-            torch.cuda.synchronize()
+            _synchronize()
         return time.perf_counter(), time.process_time()
 
     def _spent(self, start: tuple[float, float]) -> float:
         """GPU-seconds on a GPU (wall x the GPUs held: 0.5 on half a GPU); CPU core-seconds
         (this process's CPU time) on a CPU."""
         if self.device == "cuda":
-            torch.cuda.synchronize()
+            _synchronize()
             return (time.perf_counter() - start[0]) * self.num_gpus
         return time.process_time() - start[1]
 
@@ -302,6 +315,13 @@ def sample_rows(rows: torch.Tensor, max_sequences: int | None, seed: int) -> tor
     """`rows` cut to `sample_index`'s sample."""
     keep = sample_index(rows.shape[0], max_sequences, seed)
     return rows if keep is None else rows[keep]
+
+
+def _synchronize() -> None:
+    """Wait for every GPU this actor sees (Ray sets CUDA_VISIBLE_DEVICES to its own), not
+    only the current one: a model spread over several merges and computes on each."""
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
 
 
 def _gpus_held() -> float:

@@ -104,11 +104,12 @@ class MixturesStage(Stage):
                 trained[job] = metrics
 
             # Scored after all are trained: the evaluator takes resources the trainers need.
+            wait = ctx.cfg.cluster.node_start_timeout_s
             _, errors = run_finetunes(jobs, hp, layout.ray_train,
                                       ctx.storage.ray_storage("ray_train"),
                                       trust_remote_code=ctx.cfg.trust_remote_code,
                                       on_done=landed,
-                                      node_start_timeout_s=ctx.cfg.cluster.node_start_timeout_s)  # fmt: skip
+                                      node_start_timeout_s=wait)  # fmt: skip
         if trained:
             actor = evaluators(ctx, need_vectors=False)[0]
             for job, metrics in trained.items():

@@ -65,11 +65,12 @@ class FinetuneStage(Stage):
                 },  # fmt: skip
             )
 
+        wait = ctx.cfg.cluster.node_start_timeout_s
         _, errors = run_finetunes(jobs, ctx.cfg.finetune, layout.ray_train,
                                   ctx.storage.ray_storage("ray_train"),
                                   trust_remote_code=ctx.cfg.trust_remote_code,
                                   on_done=record,
-                                  node_start_timeout_s=ctx.cfg.cluster.node_start_timeout_s)  # fmt: skip
+                                  node_start_timeout_s=wait)  # fmt: skip
         if errors:
             name, exc = next(iter(errors.items()))
             raise StageError(f"fine-tune '{name}' failed: {exc}") from exc
