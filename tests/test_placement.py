@@ -81,6 +81,7 @@ def test_trainers_that_fit_counts_every_resource(tmp_path: Path) -> None:
     assert trainers_that_fit(hp, free) == 2  # custom resource: 5 // 2
     assert trainers_that_fit(hp, {**free, "memory": 3.0 * GIB}) == 1  # memory: 3 // 2
     assert trainers_that_fit(hp, {**free, "big": 0.0}) == 1  # none free: one at a time
+    assert trainers_that_fit(hp, {**free, "big": 0.0}, minimum=0) == 0  # what the log reports
 
 
 @pytest.mark.parametrize(

@@ -470,7 +470,7 @@ def worker_group_start_timeout(seconds: float):
 
 def _log_demand(jobs: list[FinetuneJob], hp: FinetuneConfig, limit: int, timeout: float) -> None:
     """What the launch asks the cluster for, and how much of it is there now."""
-    fits_now = trainers_that_fit(hp, ray.available_resources())
+    fits_now = trainers_that_fit(hp, ray.available_resources(), minimum=0)
     launched = min(limit, len(jobs))
     log.info(
         "launching %d fine-tunes, %d at a time (%d x %s each): %s",

@@ -46,8 +46,8 @@ def actor_options(ev: EvaluatorConfig) -> dict:
     return options
 
 
-def trainers_that_fit(hp: FinetuneConfig, free: dict[str, float]) -> int:
-    """How many fine-tunes the free resources `free` hold at once (at least one).
+def trainers_that_fit(hp: FinetuneConfig, free: dict[str, float], minimum: int = 1) -> int:
+    """How many fine-tunes the free resources `free` hold at once (at least `minimum`).
 
     Every resource a worker asks for counts, custom ones included. Ray marks a node with
     accelerator type X by the resource `accelerator_type:X` (1 per node) and each request for
@@ -61,4 +61,4 @@ def trainers_that_fit(hp: FinetuneConfig, free: dict[str, float]) -> int:
         for name, amount in request.items()
         if amount > 0
     )
-    return max(fits, 1)
+    return max(fits, minimum)

@@ -62,6 +62,7 @@ class FinetuneStage(Stage):
                     "steps": m["steps"],
                     "precision": m.get("precision"),  # `finetune.precision` as resolved
                     "node_id": m.get("node_id"),
+                    "resumed_from_step": m.get("resumed_from_step"),
                 },  # fmt: skip
             )
 
