@@ -128,6 +128,20 @@ def test_search_efficiency(tmp_path):
     assert result["tune_arms"]["none"][0]["tokens_total"] == 6 * 3 * 4 * 63
 
 
+def test_lora_vectors(tmp_path):
+    out = tmp_path / "lv.json"
+    args = [*SMALL, "--k", "2", "--rank", "4", "--rows", "1", "--seq-len", "16"]
+    done = run("lora_vectors.py", *args, "--json", str(out), tmp_path=tmp_path)
+    for figure in ("resident MiB", "apply ms", "candidates/s", "dense / low-rank", "low-rank"):
+        assert figure in done.stdout, figure
+    results = json.loads(out.read_text())
+    low, dense = results["results"]["low-rank"], results["results"]["dense"]
+    assert low["resident_bytes"] < dense["resident_bytes"]
+    assert low["vector_file_bytes"] < dense["vector_file_bytes"] / 4
+    assert low["candidates_per_second"] > 0 and dense["candidates_per_second"] > 0
+    assert results["max_abs_diff"] < 1e-6  # the same merge, summed in another order
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
 def test_cuda_refused_clearly(tmp_path):
     done = run("merge_bandwidth.py", *SMALL, "--device", "cuda", tmp_path=tmp_path, check=False)

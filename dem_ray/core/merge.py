@@ -459,32 +459,11 @@ def merge_to_dir(
     names = _check_names(names, k)
     floats = check_weights(method, _check_weight_count(weights, k, groups))
     columns = _columns(floats, k, groups)
-    if vector_dtype not in DTYPES:
-        raise MergeError(f"vector_dtype {vector_dtype!r} is not one of {', '.join(DTYPES)}")
-    vdtype = DTYPES[vector_dtype]
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise MergeError(f"max_shard_size: {exc}") from None
-    base_index = tensor_index(base_dir)
-    num_layers = count_layers(base_index)
-    tensor_meta = {
-        key: value if isinstance(value, str) else json.dumps(value)
-        for key, value in {"format": "pt", **(metadata or {})}.items()
-    }
-    record = {"weights": [float(x) for x in weights], "method": method,
-              "density": float(density), "dare_seed": dare_seed, "groups": groups}  # fmt: skip
-    if vector_dtype != "float32":
-        record["vector_dtype"] = vector_dtype
+    out = output_settings(base_dir, weights, metadata, method, density, dare_seed, groups,
+                          vector_dtype, max_shard_size)  # fmt: skip
+    vdtype, base_index, num_layers = out.vector_dtype, out.base_index, out.num_layers
     with ExitStack() as stack:
-        try:
-            readers: dict[Path, TensorReader] = {}
-            for path in sorted(set(base_index.values())):
-                readers[path] = stack.enter_context(TensorReader(path))
-            specs = {name: readers[base_index[name]].spec(name) for name in sorted(base_index)}
-            vectors = [stack.enter_context(TensorReader(Path(p))) for p in vector_paths]
-        except SafetensorsFormatError as exc:
-            raise MergeError(str(exc)) from exc
+        readers, specs, vectors = open_inputs(stack, base_index, vector_paths)
         for vpath, reader in zip(vector_paths, vectors, strict=True):
             for name, (_, shape) in specs.items():
                 if name not in reader.header:
@@ -494,13 +473,13 @@ def merge_to_dir(
                         f"{vpath}: tensor '{name}' has shape {reader.spec(name)[1]}, the base "
                         f"{shape}; re-run the vectors stage"
                     )
-        plan = plan_shards([(name, *spec) for name, spec in specs.items()], shard_bytes)
+        plan = plan_shards([(name, *spec) for name, spec in specs.items()], out.shard_bytes)
         largest = max((math.prod(shape) for _, shape in specs.values()), default=1)
         parts = _Parts(k, vdtype, max(1, min(STREAM_CHUNK, largest)))
         scratch = Scratch(method, k, max(1, min(MIX_CHUNK, largest)), torch.float32, "cpu", vdtype)
         with atomic_dir(out_dir) as tmp:
             for filename, shard in plan.items():
-                with TensorWriter(tmp / filename, shard, tensor_meta) as writer:
+                with TensorWriter(tmp / filename, shard, out.tensor_meta) as writer:
                     for name, dtype, shape in shard:
                         group = 0 if groups is None else block_of(name, num_layers, groups)
                         try:
@@ -510,18 +489,88 @@ def merge_to_dir(
                                         parts, scratch)  # fmt: skip
                         except SafetensorsFormatError as exc:
                             raise MergeError(str(exc)) from exc
-            if len(plan) > 1:
-                index = {
-                    "metadata": {"total_size": sum(_nbytes(s) for s in specs.values())},
-                    "weight_map": {n: f for f, shard in plan.items() for n, _, _ in shard},
-                }
-                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            for path in [*(Path(base_dir) / n for n in MODEL_SIDE_FILES), *side_files]:
-                if path.exists():
-                    shutil.copy2(path, tmp / path.name)
-            (tmp / "dem_ray_merge.json").write_text(
-                json.dumps({**record, **(metadata or {})}, indent=2)
-            )
+            finish_dir(tmp, plan, specs, base_dir, side_files, out.record)
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What every merged-directory writer derives from its arguments before reading."""
+
+    vector_dtype: torch.dtype
+    shard_bytes: int
+    base_index: dict[str, Path]
+    num_layers: int
+    tensor_meta: dict[str, str]  # each weight file's safetensors metadata
+    record: dict  # dem_ray_merge.json
+
+
+def output_settings(
+    base_dir: Path,
+    weights: Sequence[float],
+    metadata: dict | None,
+    method: str,
+    density: float,
+    dare_seed: int,
+    groups: int | None,
+    vector_dtype: str,
+    max_shard_size: int | str,
+) -> OutputSettings:
+    """The checked settings of a merged directory (`merge_to_dir`, `merge_lowrank_to_dir`)."""
+    if vector_dtype not in DTYPES:
+        raise MergeError(f"vector_dtype {vector_dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise MergeError(f"max_shard_size: {exc}") from None
+    base_index = tensor_index(base_dir)
+    tensor_meta = {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in {"format": "pt", **(metadata or {})}.items()
+    }
+    record = {"weights": [float(x) for x in weights], "method": method,
+              "density": float(density), "dare_seed": dare_seed, "groups": groups}  # fmt: skip
+    if vector_dtype != "float32":
+        record["vector_dtype"] = vector_dtype
+    return OutputSettings(DTYPES[vector_dtype], shard_bytes, base_index,
+                          count_layers(base_index), tensor_meta,
+                          {**record, **(metadata or {})})  # fmt: skip
+
+
+def open_inputs(
+    stack: ExitStack, base_index: Mapping[str, Path], vector_paths: Sequence[Path]
+) -> tuple[dict[Path, TensorReader], dict[str, tuple], list[TensorReader]]:
+    """Readers of the base's files, the base's tensor specs by name, the vectors' readers."""
+    try:
+        readers: dict[Path, TensorReader] = {}
+        for path in sorted(set(base_index.values())):
+            readers[path] = stack.enter_context(TensorReader(path))
+        specs = {name: readers[base_index[name]].spec(name) for name in sorted(base_index)}
+        vectors = [stack.enter_context(TensorReader(Path(p))) for p in vector_paths]
+    except SafetensorsFormatError as exc:
+        raise MergeError(str(exc)) from exc
+    return readers, specs, vectors
+
+
+def finish_dir(
+    tmp: Path,
+    plan: Mapping[str, list],
+    specs: Mapping[str, tuple],
+    base_dir: Path,
+    side_files: Sequence[Path],
+    record: dict,
+) -> None:
+    """The rest of a merged directory beside its weight files: the shard index (when
+    there are several), the model's and the caller's side files, `dem_ray_merge.json`."""
+    if len(plan) > 1:
+        index = {
+            "metadata": {"total_size": sum(_nbytes(s) for s in specs.values())},
+            "weight_map": {n: f for f, shard in plan.items() for n, _, _ in shard},
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for path in [*(Path(base_dir) / n for n in MODEL_SIDE_FILES), *side_files]:
+        if path.exists():
+            shutil.copy2(path, tmp / path.name)
+    (tmp / "dem_ray_merge.json").write_text(json.dumps(record, indent=2))
 
 
 class _Parts:

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 import torch
 
+from dem_ray.core.lowrank import AdapterState, LowRankMerge, is_adapter_dir, lowrank_vectors
 from dem_ray.core.merge import LazyTensors, ResidentMerge
 from dem_ray.core.partition import evaluator_device_map
 from dem_ray.core.perplexity import target_count, token_nll
@@ -96,9 +97,12 @@ class Evaluator:
         with explain_out_of_memory(self.device, "loading the base and the vectors"):
             self.model = load_model(self.base_dir, self.device, trust_remote_code,
                                     device_map=device_map).eval()  # fmt: skip
-            self.merge = ResidentMerge(
+            paths = [fetch(p) for p in vector_paths]
+            # LoRA fine-tunes' vectors stay low-rank here too (finetune.method: lora)
+            merge_class = LowRankMerge if lowrank_vectors(paths) else ResidentMerge
+            self.merge = merge_class(
                 self.model,
-                [LazyTensors(fetch(p)) for p in vector_paths],
+                [LazyTensors(p) for p in paths],
                 vector_dtype,
                 **((merge_spec or {}) if vector_paths else {}),
             )
@@ -200,10 +204,13 @@ class Evaluator:
     def _load_checkpoint(self, model_dir: str | RunPath) -> Path:
         """Another checkpoint's weights into the live model (the merge is no longer live)."""
         model_dir = fetch(model_dir)
-        check_model_dir(model_dir, role="checkpoint")  # safetensors only, never pickles
-        state = {}
-        for path in sorted(model_dir.glob("*.safetensors")):
-            state.update(LazyTensors(path))
+        if is_adapter_dir(model_dir):  # a LoRA fine-tune: the base plus its adapter's change
+            state = AdapterState(self.base_dir, model_dir)
+        else:
+            check_model_dir(model_dir, role="checkpoint")  # safetensors only, never pickles
+            state = {}
+            for path in sorted(model_dir.glob("*.safetensors")):
+                state.update(LazyTensors(path))
         self._merged = None
         with explain_out_of_memory(self.device, f"loading {model_dir}"):
             self.merge.load_state(state)

@@ -41,11 +41,13 @@ def is_fsdp(model: torch.nn.Module) -> bool:
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """FSDP2 over every worker of the process group: one group per decoder layer, the
-    root for the rest (a tied embedding and head stay one parameter, in the root)."""
+    root for the rest (a tied embedding and head stay one parameter, in the root).
+
+    The model may sit on the CPU: `fully_shard` moves each group to `device` as it shards
+    it, so the device never holds more than one whole layer (not the whole model)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model.to(device)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)

@@ -3,7 +3,8 @@ weights (or `--weights`), with the same arithmetic the evaluators scored: the sa
 `combine` over theta_0 as stored and the vectors as the evaluators hold them
 (`evaluator.vector_dtype`), so `merged/` is, bit for bit, the model the search scored.
 Written tensor by tensor into `merge.max_shard_size` shards (a setting of the output's
-layout only: it re-runs nothing)."""
+layout only: it re-runs nothing). Low-rank vectors (`finetune.method: lora`) go through
+`core.lowrank.merge_lowrank_to_dir`, the evaluators' `LowRankMerge` arithmetic."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import logging
 import sys
 
+from dem_ray.core.lowrank import lowrank_vectors, merge_lowrank_to_dir
 from dem_ray.core.merge import merge_to_dir
 from dem_ray.models.base import TOKENIZER_FILES
 from dem_ray.report.card import made_by
@@ -54,9 +56,11 @@ class MergeStage(Stage):
         timer = Timer()
         out = ctx.layout.merged
         base = ctx.base_dir
-        merge_to_dir(
+        vectors = [ctx.layout.vector(n) for n in ctx.names]
+        merge = merge_lowrank_to_dir if lowrank_vectors(vectors) else merge_to_dir
+        merge(
             base,
-            [ctx.layout.vector(n) for n in ctx.names],
+            vectors,
             [weights[k] for k in ctx.space.keys],
             out,
             side_files=[base / name for name in TOKENIZER_FILES],

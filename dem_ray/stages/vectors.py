@@ -1,9 +1,11 @@
-"""vectors: v_i = theta_i - theta_0, streamed tensor by tensor."""
+"""vectors: v_i = theta_i - theta_0, streamed tensor by tensor; for a LoRA fine-tune (a PEFT
+adapter directory) its low-rank factors instead (`core.lowrank.lora_vector`)."""
 
 from __future__ import annotations
 
 import logging
 
+from dem_ray.core.lowrank import is_adapter_dir, lora_vector
 from dem_ray.core.vectors import check_compatible, compute_vector
 from dem_ray.models.base import check_model_dir, check_same_tokenizer
 from dem_ray.stages.base import RunContext, Stage, Step, Timer
@@ -40,10 +42,15 @@ class VectorsStage(Stage):
             timer = Timer()
             tuned, out = ctx.layout.finetune(name), ctx.layout.vector(name)
             role = f"fine-tune '{name}'"
-            check_model_dir(tuned, role=role)
-            check_same_tokenizer(base, tuned, role=role)
-            check_compatible(base, tuned)
-            compute_vector(base, tuned, out, names=(ctx.show(base), ctx.show(tuned)))
+            shown = (ctx.show(base), ctx.show(tuned))
+            if is_adapter_dir(tuned):  # finetune.method: lora; its factors, never dense
+                check_same_tokenizer(base, tuned, role=role)
+                lora_vector(base, tuned, out, names=shown)
+            else:
+                check_model_dir(tuned, role=role)
+                check_same_tokenizer(base, tuned, role=role)
+                check_compatible(base, tuned)
+                compute_vector(base, tuned, out, names=shown)
             log.info("vector %s -> %s", name, ctx.show(out))
             ctx.record(step, [out], cost={"wall_seconds": timer.wall,
                                           "device_seconds": timer.cpu})  # fmt: skip
