@@ -26,6 +26,8 @@ USER_ERRORS = (
 VERBOSE_HELP = ("also show Ray's and the workers' output, which by default goes to "
                 "RUN_DIR/logs/ only")  # fmt: skip
 STATUS_HELP = "what a run would do now: each step done, stale (and why), missing or running"
+PLAN_HELP = ("the memory each fine-tune worker and evaluator actor will need, and whether the "
+             "GPUs (accelerator_type, --gpu-memory) or the nodes' RAM hold it")  # fmt: skip
 
 
 def stage_help() -> dict[str, str]:
@@ -66,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("config", help="run config YAML")
     status.add_argument("--json", action="store_true", help="the same answer as JSON")
+    plan = sub.add_parser(
+        "plan", help=PLAN_HELP, description=PLAN_HELP + "; reads no weights, writes nothing"
+    )
+    plan.add_argument("config", help="run config YAML")
+    plan.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="memory of one GPU in GiB, where no accelerator_type names it (or to override it)",
+    )
+    plan.add_argument(
+        "--ray-address",
+        help="compare with the nodes of this running cluster (default: RAY_ADDRESS if set, "
+        "else this machine's RAM for CPU work)",
+    )
+    plan.add_argument("--json", action="store_true", help="the same answer as JSON")
     corpora = sub.add_parser("corpora", help="example datasets from text that packages ship")
     corpora_sub = corpora.add_subparsers(dest="corpora_command", required=True)
     build = corpora_sub.add_parser("build", help="write NAME.train.jsonl / NAME.val.jsonl")
@@ -95,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("corpora", "status"):  # a stage command's console sets up its own
+    if args.command in ("corpora", "status", "plan"):  # a stage command's console sets up its own
         logging.basicConfig(
             level=logging.WARNING if args.quiet else logging.INFO,
             format=LOG_FORMAT,
@@ -108,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return _corpora(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "plan":
+            return _plan(args)
         return _stages(args)
     except USER_ERRORS as exc:
         print(f"dem-ray: error: {exc}", file=sys.stderr)
@@ -193,6 +213,23 @@ def _status(args) -> int:
         status = run_status(config)
     print(json.dumps(status.as_dict(), indent=2) if args.json else render(status))
     return 0
+
+
+def _plan(args) -> int:
+    """Exit 1 when a worker or actor clearly does not fit (what `run` would refuse)."""
+    import os
+
+    from dem_ray import plan
+
+    config = load_config(args.config)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the answer
+        shape = plan.shape_of_run(config)
+        address = args.ray_address or os.environ.get("RAY_ADDRESS")
+        nodes = plan.cluster_nodes(address) if address else None
+    answer = plan.build_plan(config, shape, gpu_memory_gib=args.gpu_memory, nodes=nodes,
+                             local_ram=None if nodes else plan.local_ram())  # fmt: skip
+    print(plan.dumps(answer) if args.json else plan.render(answer))
+    return 1 if any(check.refused for check in answer.checks) else 0
 
 
 def _parse_weights(text: str) -> dict[str, float]:

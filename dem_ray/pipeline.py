@@ -18,6 +18,7 @@ from dem_ray.core.atomic import recover_dir
 from dem_ray.core.spaces import Space, check_space_for_method, load_space
 from dem_ray.data import readers
 from dem_ray.models.base import base_kind, base_path, check_model_dir
+from dem_ray.plan import preflight
 from dem_ray.run.layout import RunLayout
 from dem_ray.run.lock import RunLock
 from dem_ray.run.manifest import Manifest
@@ -84,6 +85,7 @@ class Pipeline:
             return
         self._check_run_dir()
         space, tasks = self.check()
+        preflight(self.cfg, self.ray_address)  # workers and actors that cannot fit their memory
         self._lock = _acquire_lock(self.storage, command)
         self._commands_done = set()
         try:

@@ -209,3 +209,22 @@ def test_finetune_precision(tmp_path):
     assert set(figures["variants"]) == {"fp32", "bf16-mixed", "bf16-mixed+ckpt"}
     assert all(v["seconds"] > 0 for v in figures["variants"].values())
     assert figures["tokens_per_step"] == 4 * 32
+
+
+def test_plan_accuracy(tmp_path):
+    out = tmp_path / "pa.json"
+    done = run("plan_accuracy.py", "--size", "tiny", "--threads", "1", "--steps", "2", "--jobs",
+               "2", "--variants", "train-lora,eval-bf16", "--json", str(out),
+               tmp_path=tmp_path)  # fmt: skip
+    for figure in (
+        "estimate MiB",
+        "measured MiB",
+        "estimate / measured",
+        "train-lora",
+        "eval-bf16",
+    ):
+        assert figure in done.stdout, figure
+    figures = json.loads(out.read_text())
+    assert set(figures["variants"]) == {"train-lora", "eval-bf16"}
+    for variant in figures["variants"].values():
+        assert variant["estimate"] > 0 and variant["measured"] > 0 and variant["ratio"] > 0

@@ -59,4 +59,4 @@ def test_the_cli_has_a_command_per_stage_group():
     from dem_ray.stages import COMMANDS
 
     top = _subparsers(build_parser())
-    assert set(COMMANDS) | {"run", "status", "corpora"} == set(top)
+    assert set(COMMANDS) | {"run", "status", "plan", "corpora"} == set(top)

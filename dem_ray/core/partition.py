@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dem_ray.core.blocks import LAYER_RE
+from dem_ray.core.safetensors_io import stored_dtype
 from dem_ray.core.vectors import DTYPES
 
 Sizes = list[tuple[str, int]]
@@ -195,8 +196,6 @@ def meta_model(config_or_dir: object, trust_remote_code: bool = False) -> torch.
 
     dtype = None
     if isinstance(config_or_dir, str | Path):
-        from dem_ray.models.base import stored_dtype
-
         dtype = stored_dtype(Path(config_or_dir))
         config = AutoConfig.from_pretrained(str(config_or_dir), trust_remote_code=trust_remote_code)
     else:

@@ -250,3 +250,14 @@ def _read_header(fh, path: Path) -> tuple[dict, dict, int]:
                 f"{path}: tensor '{name}' has unsupported dtype {entry.get('dtype')!r}"
             )
     return header, metadata, 8 + length
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype | None:
+    """The one float dtype of a model directory's safetensors weights (read from their
+    headers, sharded or not); None when they hold several."""
+    dtypes = set()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with TensorReader(path) as reader:
+            dtypes |= {reader.spec(name)[0] for name in reader.names()}
+    floats = {d for d in dtypes if d.is_floating_point}
+    return floats.pop() if len(floats) == 1 else None

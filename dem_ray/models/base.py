@@ -19,6 +19,7 @@ import torch
 from dem_ray.config import BaseModelSpec
 from dem_ray.core.atomic import atomic_dir
 from dem_ray.core.hashing import sha256_file
+from dem_ray.core.safetensors_io import stored_dtype
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +202,6 @@ def load_model(
         dtype=stored_dtype(Path(path)) or "auto", **placed,
     )  # fmt: skip
     return model if device_map is not None else model.to(device)
-
-
-def stored_dtype(model_dir: Path) -> torch.dtype | None:
-    """The one float dtype of a model directory's safetensors weights (read from their
-    headers, sharded or not); None when they hold several."""
-    from dem_ray.core.safetensors_io import TensorReader
-
-    dtypes = set()
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with TensorReader(path) as reader:
-            dtypes |= {reader.spec(name)[0] for name in reader.names()}
-    floats = {d for d in dtypes if d.is_floating_point}
-    return floats.pop() if len(floats) == 1 else None
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
