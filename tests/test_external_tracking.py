@@ -354,7 +354,7 @@ def test_a_fine_tune_whose_worker_dies_keeps_one_run_with_each_step_once(
     """Ray Train restarts the lost worker from its checkpoint of step 2; the restarted
     worker writes into the same MLflow run, and step 3 is there once."""
     from ray import cloudpickle
-    from test_faults import _exit_once
+    from worker_hooks import exit_once as _exit_once
 
     from dem_ray.ray import finetune
     from dem_ray.ray.finetune import FinetuneJob, run_finetunes
@@ -367,12 +367,12 @@ def test_a_fine_tune_whose_worker_dies_keeps_one_run_with_each_step_once(
     job = FinetuneJob("faulty", str(pipeline.ctx.base_dir), shard, str(tmp_path / "model"),
                       events_dir=str(tmp_path / "events"), tracking=spec)  # fmt: skip
     marker, storage = tmp_path / "fault-fired", tmp_path / "ray_train"
-    cloudpickle.register_pickle_by_value(sys.modules["test_faults"])
+    cloudpickle.register_pickle_by_value(sys.modules["worker_hooks"])
     monkeypatch.setattr(finetune, "AFTER_STEP", _exit_once(marker, "faulty", 3, storage))
     try:
         results, errors = run_finetunes([job], hp, storage)
     finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules["test_faults"])
+        cloudpickle.unregister_pickle_by_value(sys.modules["worker_hooks"])
     assert errors == {} and marker.exists()
     assert results["faulty"]["resumed_from_step"] == 2
     run = mlflow_runs(store)["finetune/faulty"]  # one run, whatever restarted

@@ -50,7 +50,7 @@ def check_numbers(card: str, report: dict, models: list[str]) -> None:
 
 # ---- the pipeline writes the cards; no stage goes stale because of them ---------------------
 def stand_in_finetunes(jobs, hp, storage_dir, ray_storage=None, trust_remote_code=False,
-                       on_done=None):  # fmt: skip
+                       on_done=None, node_start_timeout_s=900.0):  # fmt: skip
     """The baseline's training without Ray Train: each mixture is the base plus seeded noise."""
     results = {}
     for i, job in enumerate(jobs):

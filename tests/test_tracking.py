@@ -135,7 +135,7 @@ def test_events_come_back_in_the_checkpoint_when_workers_cannot_write_the_run_di
 ):
     """The bucket route (no live dir), through a worker killed after its checkpoint."""
     from ray import cloudpickle
-    from test_faults import _exit_once
+    from worker_hooks import exit_once as _exit_once
 
     from dem_ray.ray import finetune
     from dem_ray.ray.finetune import FinetuneJob, run_finetunes
@@ -147,12 +147,12 @@ def test_events_come_back_in_the_checkpoint_when_workers_cannot_write_the_run_di
     job = FinetuneJob("faulty", str(pipeline.ctx.base_dir), shard, str(tmp_path / "model"),
                       events_dir=str(events))  # fmt: skip
     marker, storage = tmp_path / "fault-fired", tmp_path / "ray_train"
-    cloudpickle.register_pickle_by_value(sys.modules["test_faults"])
+    cloudpickle.register_pickle_by_value(sys.modules["worker_hooks"])
     monkeypatch.setattr(finetune, "AFTER_STEP", _exit_once(marker, "faulty", 3, storage))
     try:
         results, errors = run_finetunes([job], hp, storage)
     finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules["test_faults"])
+        cloudpickle.unregister_pickle_by_value(sys.modules["worker_hooks"])
     assert errors == {} and marker.exists()
     assert results["faulty"]["resumed_from_step"] == 2
     got = scalars(events)
