@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dem_ray.core.blocks import block_of, count_layers, group_names
-from dem_ray.core.lowrank import FORMAT, SEPARATOR
+from dem_ray.core.lowrank import SEPARATOR, lowrank_vectors
 from dem_ray.core.safetensors_io import SafetensorsFormatError, TensorReader
 from dem_ray.core.vectors import VectorError
 
@@ -57,15 +57,7 @@ def vector_diagnostics(vector_paths: Sequence[Path], names: Sequence[str], group
         raise ValueError(f"dataset names repeat: {datasets}")
     with ExitStack() as stack:
         readers = [_open(stack, p) for p in paths]
-        lowrank = {r.path: r.metadata.get("format") == FORMAT for r in readers}
-        if len(set(lowrank.values())) > 1:
-            low = next(p for p, x in lowrank.items() if x)
-            dense = next(p for p, x in lowrank.items() if not x)
-            raise VectorError(
-                f"{low} is a low-rank vector (a LoRA fine-tune) but {dense} is dense; every "
-                "vector must come from the same finetune.method"
-            )
-        if all(lowrank.values()):
+        if lowrank_vectors(paths):  # a mixture of kinds is an error naming one of each
             gnames, gram, parameters = _lowrank_gram(readers, groups)
         else:
             gnames, gram, parameters = _dense_gram(readers, groups)
